@@ -1,0 +1,28 @@
+"""One exception family, so the CLI can print a message instead of a traceback.
+
+Every message says what was wrong, where (file:line or recipe key path) and how to fix it.
+"""
+
+
+class GrpokitError(Exception):
+    """Base of every error grpokit raises on purpose."""
+
+
+class RecipeError(GrpokitError):
+    """The recipe (YAML or a --set override) is invalid."""
+
+
+class DataError(GrpokitError):
+    """A dataset is missing, unreadable or malformed."""
+
+
+class ModelError(GrpokitError):
+    """A model could not be found, converted or loaded."""
+
+
+class RewardError(GrpokitError):
+    """A reward function could not be resolved or returned something unusable."""
+
+
+class RunDirError(GrpokitError):
+    """A run directory is missing, incomplete, or would be overwritten."""
