@@ -1,0 +1,319 @@
+"""The recipe: one typed schema for every stage, loaded from YAML, overridable with --set.
+
+Defaults live here and only here; each field's docstring is its documentation (pydantic
+turns attribute docstrings into field descriptions, as litgpt does for its CLI). The
+trainer unpacks sections into plain arguments, so no config object enters the math.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from grpokit.errors import RecipeError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, docstrings are the docs."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    """Rank of the low-rank update."""
+    alpha: float = Field(32.0, gt=0)
+    """Scaling numerator: the update is multiplied by alpha / r."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter input (0 keeps sampling and training identical)."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names to adapt (e.g. [q_proj, v_proj]) or "all-linear"."""
+
+
+class ModelConfig(Section):
+    path: str = DEFAULT_MODEL
+    """A local transformers model dir, a .gguf file, a hub id, or "smollm2-135m-instruct" (embedded)."""
+    dtype: Literal["bfloat16", "float32", "float16"] = "bfloat16"
+    """Compute dtype. bf16 matmuls run several times faster than fp32 on CPUs with AVX512-BF16."""
+    lora: LoraConfig | None = Field(default_factory=LoraConfig)
+    """LoRA adapter settings; null trains every weight (full fine-tuning, with a frozen reference copy)."""
+    device: str = "auto"
+    """"auto" (CUDA when present, else CPU), "cpu", or a torch device string."""
+    trust_remote_code: bool = False
+    """Allow a hub model's own Python code to run. Off unless you trust the source."""
+
+
+class DataConfig(Section):
+    source: str = "builtin:larger_number"
+    """"builtin:<task>", "gsm8k" (from ../shared/data/gsm8k or data.path), or a .jsonl/.json file."""
+    path: str | None = None
+    """Directory of the GSM8K files (train.jsonl, test.jsonl) when source is "gsm8k"."""
+    prompt_field: str = "prompt"
+    """Column holding the prompt: a string or a list of chat messages."""
+    answer_field: str = "answer"
+    """Column holding the reference answer (passed to rewards as `answer`)."""
+    eval_size: int = Field(128, ge=0)
+    """Held-out rows for the before/after evaluation (taken from the test split, or split off)."""
+    train_size: int | None = Field(None, ge=1)
+    """Use at most this many training rows (built-in tasks: how many to generate)."""
+    chat_template: bool = True
+    """Wrap string prompts as a user message and apply the tokenizer's chat template."""
+    system_prompt: str | None = None
+    """Optional system message placed before each prompt when the chat template is applied."""
+    seed: int = 1234
+    """Seed for generating built-in tasks and splitting off the held-out rows."""
+
+
+class RolloutConfig(Section):
+    num_generations: int = Field(8, ge=2)
+    """G: completions sampled per prompt; advantages compare completions within a group."""
+    max_prompt_length: int = Field(256, ge=1)
+    """Prompts longer than this many tokens are truncated from the left."""
+    max_completion_length: int = Field(32, ge=1)
+    """Generation stops at EOS or after this many tokens."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: int = Field(0, ge=0)
+    """Keep only the k most likely tokens (0 = off)."""
+
+
+class AlgorithmConfig(Section):
+    beta: float = Field(0.04, ge=0)
+    """Weight of the k3 KL penalty to the reference; 0 skips the reference pass entirely."""
+    epsilon: float = Field(0.2, gt=0, lt=1)
+    """PPO clip range: the ratio is clipped to [1 - epsilon, 1 + epsilon]."""
+    scale_rewards: bool = True
+    """Divide advantages by the group's reward std (GRPO); false keeps mean-centring only (Dr. GRPO)."""
+
+
+class RewardSpec(Section):
+    name: str
+    """A registered reward name (see `grpokit.rewards`) or "package.module:function"."""
+    weight: float = 1.0
+    """Weight of this component in the total reward."""
+    args: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments bound to the function (e.g. a regex pattern)."""
+
+
+class TrainingConfig(Section):
+    learning_rate: float = Field(1e-5, gt=0)
+    """Peak AdamW learning rate."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup from 0 to the peak learning rate."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup, down to 10% of the peak (cosine, linear) or none."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradients are clipped to this global norm."""
+    max_steps: int = Field(100, ge=0)
+    """Optimiser steps (one generation batch each)."""
+    prompts_per_step: int = Field(4, ge=1)
+    """P: prompts per step; each yields G completions."""
+    grad_accum: int = Field(1, ge=1)
+    """Split the P*G completions into this many micro-batches (lower memory, same result)."""
+    seed: int = 0
+    """Seed for sampling prompts and completions."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate on the held-out rows every N steps (0: only before and after training)."""
+    save_every: int = Field(0, ge=0)
+    """Write a checkpoint every N steps (0: only at the end)."""
+    output_dir: str = "runs/demo"
+    """The run directory (relative paths are relative to the current directory)."""
+    num_threads: int | None = Field(None, ge=1)
+    """CPU threads for torch (default: torch's own choice)."""
+
+
+class EvalConfig(Section):
+    accuracy_reward: str | None = None
+    """Reward component whose value counts as correctness (>= 1 is correct); default: the first reward."""
+    batch_size: int = Field(64, ge=1)
+    """Prompts generated at once during evaluation."""
+    num_samples: int = Field(16, ge=0)
+    """Completions kept verbatim in each eval file for the report."""
+
+
+class LoggingConfig(Section):
+    samples_every: int = Field(10, ge=0)
+    """Append some completions to samples.jsonl every N steps (0: never)."""
+    num_samples: int = Field(4, ge=1)
+    """Completions written to samples.jsonl each time."""
+    progress: bool = True
+    """Show a live progress bar in the terminal."""
+
+
+class Recipe(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The policy to train."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """Training prompts and the held-out rows."""
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    """How completions are sampled."""
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    """The GRPO objective."""
+    rewards: list[RewardSpec] = Field(min_length=1)
+    """Reward components; the total reward is their weighted sum."""
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    """The optimisation loop."""
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    """The held-out evaluation before, during and after training."""
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    """What the run writes besides metrics."""
+
+    @model_validator(mode="after")
+    def _accuracy_reward_exists(self) -> "Recipe":
+        names = [spec.name for spec in self.rewards]
+        if self.eval.accuracy_reward is not None and self.eval.accuracy_reward not in names:
+            raise ValueError(f"eval.accuracy_reward {self.eval.accuracy_reward!r} is not one of the rewards {names}")
+        return self
+
+    @property
+    def accuracy_reward(self) -> str:
+        return self.eval.accuracy_reward or self.rewards[0].name
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """Map each key path in a YAML text to its 1-based line, so errors can say file:line."""
+    lines: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                child = path + (key_node.value,)
+                lines[child] = key_node.start_mark.line + 1
+                walk(value_node, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                lines[path + (index,)] = item.start_mark.line + 1
+                walk(item, path + (index,))
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _section_fields(loc: tuple) -> list[str]:
+    """Valid field names of the schema section that holds the key at ``loc``."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields) if model is not None else []
+
+
+def _format_errors(err: ValidationError, origin: str, lines: dict[tuple, int], overrides: dict[tuple, str]) -> str:
+    messages = []
+    for item in err.errors():
+        loc = tuple(part for part in item["loc"] if not (isinstance(part, str) and part.startswith("function-after")))
+        key = ".".join(str(p) for p in loc) or "(recipe)"
+        if loc in overrides:
+            where = f"--set {overrides[loc]}"
+        elif loc in lines:
+            where = f"{origin}:{lines[loc]}"
+        else:
+            where = origin
+        if item["type"] == "extra_forbidden":
+            valid = _section_fields(loc)
+            near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"did you mean {'.'.join([*map(str, loc[:-1]), near[0]])!r}?" if near else f"valid keys here: {', '.join(valid)}"
+            messages.append(f"{where}: unknown key {key!r}; {hint}")
+        elif item["type"] == "missing":
+            messages.append(f"{where}: missing required key {key!r}")
+        else:
+            got = item.get("input")
+            shown = repr(got) if not isinstance(got, dict) else "a mapping"
+            messages.append(f"{where}: {key}: {item['msg']} (got {shown})")
+    return "invalid recipe:\n  " + "\n  ".join(messages)
+
+
+def parse_overrides(assignments: list[str]) -> list[tuple[tuple, Any, str]]:
+    """Parse ``a.b=c`` strings; values are read as YAML so 10, 1e-4, true and [x, y] keep their types."""
+    parsed = []
+    for text in assignments:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"--set {text!r}: expected KEY=VALUE, e.g. --set training.max_steps=10")
+        path = tuple(int(p) if p.isdigit() else p for p in key.strip().split("."))
+        try:
+            parsed.append((path, yaml.safe_load(value), text))
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"--set {text!r}: the value is not valid YAML ({exc.problem})") from None
+    return parsed
+
+
+def _apply_override(data: dict, path: tuple, value: Any, text: str) -> None:
+    node: Any = data
+    for depth, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            if not isinstance(part, int) or part >= len(node):
+                raise RecipeError(f"--set {text}: {'.'.join(map(str, path[:depth + 1]))} is not an index of that list")
+            node = node[part]
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise RecipeError(f"--set {text}: {'.'.join(map(str, path[:depth + 1]))} is not a section")
+    if isinstance(node, list):
+        if not isinstance(path[-1], int) or path[-1] >= len(node):
+            raise RecipeError(f"--set {text}: no list element {path[-1]}")
+    node[path[-1]] = value
+
+
+def recipe_from_dict(data: Any, origin: str = "<recipe>", text: str = "", overrides: list[str] = ()) -> Recipe:
+    """Validate a recipe mapping (after applying ``--set`` overrides) into a Recipe."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{origin}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
+    parsed = parse_overrides(list(overrides))
+    for path, value, raw in parsed:
+        _apply_override(data, path, value, raw)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_errors(err, origin, _key_lines(text), {p: raw for p, _, raw in parsed})) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a YAML recipe; every failure is a RecipeError for people."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{path}: recipe file not found (check the path; examples are in recipes/)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: malformed YAML: {getattr(exc, 'problem', exc)}") from None
+    return recipe_from_dict(data, origin=str(path), text=text, overrides=overrides)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe as YAML: every default filled in, so a run can be repeated from it."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
