@@ -18,6 +18,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 Row = dict[str, Any]
+CAPTIONS = {
+    "reward": "Reward per training step (total, moving average, and each component)",
+    "accuracy": "Eval accuracy",
+    "kl": "KL divergence to the reference model",
+    "completion_length": "Mean completion length",
+    "loss_entropy": "Policy loss and entropy",
+}
 
 
 def number(value: Any) -> float | None:
@@ -163,7 +170,10 @@ def plot_loss_entropy(train_rows: list[Row], path: Path) -> bool:
 
 
 def write_plots(train_rows: list[Row], eval_rows: list[Row], plot_dir: Path) -> list[str]:
-    """Write every plot that has data into ``plot_dir``; return the names written, in order."""
+    """Write every plot that has data into ``plot_dir``; return the names written, in order.
+
+    The names are the keys of ``CAPTIONS``; the report links ``plots/<name>.png``.
+    """
     plot_dir.mkdir(parents=True, exist_ok=True)
     jobs = {
         "reward": lambda p: plot_reward(train_rows, p),

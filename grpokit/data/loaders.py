@@ -1,0 +1,115 @@
+"""Loading rows from a recipe's ``data`` section: built-in tasks, JSONL files, GSM8K.
+
+Every error names the file and line, and what to change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+from grpokit.data.tasks import make_task
+from grpokit.errors import DataError
+
+DEFAULT_TASK_SIZE = 2000
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSON-lines file; blank lines are skipped, anything else must be a JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    rows = []
+    try:
+        with path.open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+                row["_line"] = number
+                rows.append(row)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not valid UTF-8 (byte {exc.start}); re-encode the file as UTF-8") from None
+    return rows
+
+
+def _normalise(rows: list[dict], source: str, prompt_field: str, answer_field: str) -> list[dict]:
+    """Rename the recipe's prompt/answer columns to ``prompt``/``answer``; check every row has a prompt."""
+    out = []
+    for index, row in enumerate(rows):
+        where = f"{source}:{row.pop('_line', index + 1)}"
+        prompt = row.get(prompt_field)
+        if not isinstance(prompt, (str, list)) or not prompt:
+            raise DataError(f"{where}: row has no {prompt_field!r} field (a string or a list of chat messages); set data.prompt_field")
+        item: dict[str, Any] = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
+        item["prompt"] = prompt
+        if answer_field in row:
+            item["answer"] = row[answer_field]
+        out.append(item)
+    if not out:
+        raise DataError(f"{source}: the dataset is empty")
+    return out
+
+
+def gsm8k_answer(solution: str) -> str:
+    """GSM8K solutions end with ``#### <number>``; the number is the reference answer."""
+    return solution.rsplit("####", 1)[-1].strip().replace(",", "")
+
+
+def find_gsm8k(path: str | None) -> Path:
+    """Where the GSM8K files are: ``data.path``, $GRPOKIT_GSM8K_DIR, or shared/data/gsm8k beside the repo."""
+    candidates = [Path(p) for p in (path, os.environ.get("GRPOKIT_GSM8K_DIR")) if p]
+    here = Path.cwd().resolve()
+    candidates += [base / "shared" / "data" / "gsm8k" for base in (here, *here.parents)]
+    for candidate in candidates:
+        if (candidate / "train.jsonl").is_file():
+            return candidate
+    raise DataError("GSM8K files not found: set data.path to a directory holding train.jsonl and test.jsonl")
+
+
+def _load_gsm8k(path: str | None) -> tuple[list[dict], list[dict]]:
+    folder = find_gsm8k(path)
+    splits = []
+    for name in ("train", "test"):
+        rows = read_jsonl(folder / f"{name}.jsonl")
+        for row in rows:
+            if "question" not in row or "answer" not in row:
+                raise DataError(f"{folder / name}.jsonl:{row['_line']}: a GSM8K row needs 'question' and 'answer'")
+            row["solution"] = row["answer"]
+            row["answer"] = gsm8k_answer(row["answer"])
+        splits.append(_normalise(rows, str(folder / f"{name}.jsonl"), "question", "answer"))
+    return splits[0], splits[1]
+
+
+def _split_off(rows: list[dict], eval_size: int, seed: int, source: str) -> tuple[list[dict], list[dict]]:
+    if eval_size >= len(rows):
+        raise DataError(f"{source}: {len(rows)} rows cannot give {eval_size} held-out rows and a training set; lower data.eval_size")
+    shuffled = rows[:]
+    random.Random(seed).shuffle(shuffled)
+    return shuffled[eval_size:], shuffled[:eval_size]
+
+
+def load_splits(data) -> tuple[list[dict], list[dict]]:
+    """Return ``(train_rows, eval_rows)`` for a recipe's ``data`` section."""
+    source = data.source
+    if source.startswith("builtin:"):
+        return make_task(source.split(":", 1)[1], data.train_size or DEFAULT_TASK_SIZE, data.eval_size, data.seed)
+    if source == "gsm8k":
+        train, test = _load_gsm8k(data.path)
+        test = random.Random(data.seed).sample(test, min(data.eval_size, len(test)))
+    elif source.endswith((".jsonl", ".json")):
+        rows = _normalise(read_jsonl(source), source, data.prompt_field, data.answer_field)
+        train, test = _split_off(rows, data.eval_size, data.seed, source)
+    else:
+        raise DataError(f"data.source {source!r}: expected builtin:<task>, gsm8k, or a .jsonl file")
+    if data.train_size:
+        train = train[: data.train_size]
+    return train, test

@@ -1,0 +1,141 @@
+"""The policy: model + tokenizer + how to get reference log-probabilities.
+
+Precision: with LoRA, the frozen base is stored in the compute dtype (bf16 halves its
+memory and runs the fast matmuls) while PEFT keeps the small adapters in fp32. With full
+fine-tuning, weights stay fp32 (bf16 weights would swallow small AdamW updates) and
+matmuls run under autocast in the compute dtype. The reference policy is the base with
+adapters disabled for LoRA (no second copy), a frozen copy for full fine-tuning, and
+nothing at all when beta == 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from grpokit.config import DEFAULT_MODEL
+from grpokit.errors import ModelError
+from grpokit.models.gguf import convert_gguf, embedded_gguf
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_model_dir(path: str) -> str:
+    """Turn ``model.path`` into something ``from_pretrained`` loads: a dir or a hub id."""
+    if path == DEFAULT_MODEL:
+        return str(convert_gguf(embedded_gguf()))
+    local = Path(path).expanduser()
+    if local.suffix == ".gguf":
+        if not local.is_file():
+            raise ModelError(f"model.path {path!r}: GGUF file not found")
+        return str(convert_gguf(local))
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelError(f"model.path {path!r}: the directory has no config.json (not a transformers model)")
+        return str(local)
+    if local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise ModelError(f"model.path {path!r}: no such model directory or .gguf file")
+    return path  # a hub id: transformers downloads it when the machine is online
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Policy:
+    """What the later stages need of the model, and nothing about how it was built."""
+
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    compute_dtype: torch.dtype
+    reference: Any = None  # frozen copy (full fine-tuning with beta > 0); None otherwise
+    is_lora: bool = False
+    cache_kw: str = "past_key_values"
+    eos_ids: list[int] = field(default_factory=list)
+
+    def autocast(self):
+        """Matmuls in the compute dtype; a no-op for fp32."""
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
+
+    def reference_model(self):
+        """Context manager yielding the reference: adapters off (LoRA) or the frozen copy."""
+        if self.is_lora:
+            return _adapters_off(self.model)
+        if self.reference is None:
+            raise ModelError("no reference model: full fine-tuning with beta == 0 keeps none")
+        return contextlib.nullcontext(self.reference)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def _adapters_off(model):
+    with model.disable_adapter():
+        yield model
+
+
+def _cache_keyword(model) -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` in 5.x; speak whichever it takes."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def eos_token_ids(tokenizer, model) -> list[int]:
+    """Stop tokens: the tokenizer's EOS plus the generation config's (chat models end turns there)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def wrap_policy(model, tokenizer, model_cfg, beta: float, device: torch.device) -> Policy:
+    """Add LoRA (or keep full fine-tuning), pick the reference, and bundle it all as a Policy."""
+    dtype = DTYPES[model_cfg.dtype]
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    eos = eos_token_ids(tokenizer, model)
+    reference = None
+    if model_cfg.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = model_cfg.lora
+        model = model.to(device=device, dtype=dtype)
+        config = LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            target_modules=lora.target_modules, task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)  # adapters stay fp32 (autocast_adapter_dtype)
+    else:
+        model = model.to(device=device, dtype=torch.float32)
+        if beta > 0:
+            reference = copy.deepcopy(model).to(dtype=dtype).eval().requires_grad_(False)
+    model.config.use_cache = True
+    return Policy(model, tokenizer, device, dtype, reference, model_cfg.lora is not None, _cache_keyword(model), eos)
+
+
+def load_policy(model_cfg, beta: float) -> Policy:
+    """Load the recipe's model and tokenizer and wrap them for training."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model_dir(model_cfg.path)
+    kwargs = {"trust_remote_code": model_cfg.trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+    except OSError as exc:
+        raise ModelError(f"model.path {model_cfg.path!r}: cannot load ({exc})") from None
+    tokenizer.padding_side = "left"
+    return wrap_policy(model, tokenizer, model_cfg, beta, pick_device(model_cfg.device))

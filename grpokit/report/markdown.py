@@ -1,0 +1,261 @@
+"""The text of ``report.md``: what was trained, what changed, and how training went.
+
+Every number comes from the run directory (docs/run-directory.md), already parsed by
+``grpokit.report``; nothing here reads files. Missing keys become "—" or a skipped
+section, never an exception, so a report can be written for a run that is still going
+or that died early.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from grpokit.report.plots import CAPTIONS, Row, number, series
+
+_MISSING = object()
+_DASH = "—"
+_RECIPE_FIELDS = (
+    "model.path model.dtype model.lora data.source rollout.num_generations rollout.max_completion_length"
+    " rollout.temperature training.prompts_per_step training.max_steps training.learning_rate"
+    " algorithm.beta algorithm.epsilon rewards"
+).split()
+# kind of eval figure -> (digits, scale, suffix of a value, unit of a change)
+_KINDS = {"pct": (1, 100, "%", " pp"), "score": (3, 1, "", ""), "length": (1, 1, "", ""), "count": (0, 1, "", "")}
+MAX_SAMPLES = 8
+MAX_CELL_CHARS = 200
+
+
+def cell(value: Any, limit: int = MAX_CELL_CHARS) -> str:
+    """Make text safe for one Markdown table cell: truncated, pipes and newlines escaped.
+
+    ``<`` and ``>`` are escaped too: completions are full of ``<think>``-style tags that a
+    Markdown renderer would otherwise swallow as HTML, hiding exactly what we want to see.
+    """
+    text = str(value).strip()
+    if len(text) > limit:
+        text = text[:limit].rstrip() + "…"
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+    return text.replace("\r\n", "\n").replace("\n", "<br>")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A GitHub-flavoured Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _signed(delta: float, digits: int, unit: str = "") -> str:
+    """``+21.9 pp``; rounding first so a tiny negative never prints as ``-0.0``."""
+    delta = round(delta, digits) or 0.0
+    return f"{delta:+.{digits}f}{unit}"
+
+
+def _dig(tree: Any, path: str) -> Any:
+    """Look up ``a.b.c`` in nested dicts, returning ``_MISSING`` at the first absent key."""
+    for key in path.split("."):
+        if not isinstance(tree, dict) or key not in tree:
+            return _MISSING
+        tree = tree[key]
+    return tree
+
+
+def _format_lora(lora: Any) -> str:
+    """LoRA rank and alpha, or "full fine-tuning" when the recipe sets no adapter."""
+    if lora is None:
+        return "full fine-tuning"
+    if isinstance(lora, dict):
+        rank, alpha = lora.get("r", lora.get("rank")), lora.get("alpha", lora.get("lora_alpha"))
+        if rank is not None or alpha is not None:
+            return f"LoRA r={rank}, alpha={alpha}"
+    return f"LoRA {lora}"
+
+
+def _format_rewards(rewards: Any) -> str:
+    """``name × weight`` for each reward, whether the recipe lists them or maps names."""
+    if isinstance(rewards, dict):
+        rewards = [{"name": k, **(v if isinstance(v, dict) else {"weight": v})} for k, v in rewards.items()]
+    if not isinstance(rewards, list):
+        return str(rewards)
+    items = [r if isinstance(r, dict) else {"name": r} for r in rewards]
+    weights = ["" if r.get("weight") is None else f" × {r['weight']}" for r in items]
+    return ", ".join(f"{r.get('name', '?')}{w}" for r, w in zip(items, weights))
+
+
+def _format_value(value: Any) -> str:
+    """Render a plain recipe value; floats in ``%g`` so a learning rate reads 1e-06."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def recipe_section(recipe: dict[str, Any]) -> list[str]:
+    """The important recipe fields, those present, as a two-column table."""
+    formats = {"model.lora": _format_lora, "rewards": _format_rewards}
+    fields = [(p, v) for p in _RECIPE_FIELDS if (v := _dig(recipe, p)) is not _MISSING]
+    rows = [[f"`{p}`", cell(formats.get(p, _format_value)(v))] for p, v in fields]
+    if not rows:
+        return ["## Recipe", "", "No recipe.yaml in the run directory.", ""]
+    return ["## Recipe", "", *_table(["field", "value"], rows), ""]
+
+
+def _eval_figures(ev: Row) -> dict[str, tuple[str, Any]]:
+    """Label -> (kind, value) for one eval file, its reward components flattened in."""
+    components = ev.get("rewards") if isinstance(ev.get("rewards"), dict) else {}
+    return {
+        "Accuracy": ("pct", ev.get("accuracy")),
+        "Mean reward": ("score", ev.get("reward")),
+        **{f"reward `{name}`": ("score", value) for name, value in components.items()},
+        "Mean completion length (tokens)": ("length", ev.get("completion_length")),
+        "Examples": ("count", ev.get("num_examples")),
+    }
+
+
+def _fmt(value: Any, kind: str) -> str:
+    """One figure in its kind's precision; accuracy as a percentage."""
+    digits, scale, suffix, _ = _KINDS[kind]
+    value = number(value)
+    return _DASH if value is None else f"{value * scale:.{digits}f}{suffix}"
+
+
+def _delta(before: Any, after: Any, kind: str) -> str:
+    """after − before, signed; accuracy in percentage points, not a relative change."""
+    digits, scale, _, unit = _KINDS[kind]
+    b, a = number(before), number(after)
+    return _DASH if b is None or a is None else _signed((a - b) * scale, digits, unit)
+
+
+def eval_section(evals: list[Row]) -> list[str]:
+    """Earliest eval against the latest one, with the signed change of each figure."""
+    if not evals:
+        return ["## Before and after", "", "No eval files (`eval/step-N.json`) in the run directory.", ""]
+    compare = len(evals) > 1
+    before, after = _eval_figures(evals[0]), _eval_figures(evals[-1])
+    header = ["metric", f"before (step {evals[0].get('step')})"]
+    header += [f"after (step {evals[-1].get('step')})", "change"] if compare else []
+    rows = []
+    for label in dict.fromkeys([*before, *after]):
+        kind, b = before.get(label, (after[label][0], None))
+        a = after.get(label, (kind, None))[1]
+        rows.append([label, _fmt(b, kind), *([_fmt(a, kind), _delta(b, a, kind)] if compare else [])])
+    source = evals[-1].get("accuracy_reward")
+    notes = [f"Accuracy is the share of eval examples that reward `{source}` scored as correct."] if source else []
+    notes += [] if compare else ["Only one evaluation so far: nothing to compare yet."]
+    return ["## Before and after", "", *_table(header, rows), "", *notes, ""]
+
+
+def plots_section(plot_names: list[str]) -> list[str]:
+    """Relative image links, so the report renders wherever the run directory is copied."""
+    if not plot_names:
+        return ["## Plots", "", "No plottable metrics were logged.", ""]
+    lines = ["## Plots", ""]
+    for name in plot_names:
+        caption = CAPTIONS.get(name, name)
+        lines += [f"### {caption}", "", f"![{caption}](plots/{name}.png)", ""]
+    return lines
+
+
+def _median(rows: list[Row], key: str) -> float | None:
+    """Median rather than mean: the first steps pay compilation and warm-up costs."""
+    values = series(rows, key)[1]
+    return statistics.median(values) if values else None
+
+
+def training_section(train_rows: list[Row]) -> list[str]:
+    """Speed figures and whether the training reward went up, from the train lines."""
+    lines = ["## Training summary", ""]
+    if not train_rows:
+        return lines + ["No training steps were logged.", ""]
+    rows = []
+    if (step_time := _median(train_rows, "step_time_s")) is not None:
+        rows.append(["median step time", f"{step_time:.2f} s"])
+    if (throughput := _median(train_rows, "tokens_per_s")) is not None:
+        rows.append(["median throughput", f"{throughput:,.0f} tokens/s"])
+    steps, reward = series(train_rows, "reward")
+    if reward:
+        k = max(1, len(reward) // 10)
+        first, last = statistics.fmean(reward[:k]), statistics.fmean(reward[-k:])
+        rows.append([f"mean reward, first 10% (steps {steps[0]}–{steps[k - 1]})", f"{first:.3f}"])
+        rows.append([f"mean reward, last 10% (steps {steps[-k]}–{steps[-1]})", f"{last:.3f}"])
+        rows.append(["reward change (last − first)", _signed(last - first, 3)])
+    return lines + (_table(["figure", "value"], rows) if rows else ["No speed or reward figures were logged."]) + [""]
+
+
+def _prompt_text(prompt: Any) -> str:
+    """A chat prompt (list of messages) shows its last message: the question itself."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[-1], dict):
+        return str(prompt[-1].get("content", prompt[-1]))
+    return str(prompt)
+
+
+def _correct(sample: Row) -> str:
+    """yes / no from the eval's own verdict; a missing verdict shows as unknown."""
+    return {True: "yes", False: "no"}.get(sample.get("correct"), _DASH)
+
+
+def _paired_samples(evals: list[Row]) -> list[tuple[Row, Row]]:
+    """The latest eval's samples whose prompt the earliest eval also sampled, in order."""
+    if len(evals) < 2:
+        return []
+    before = {_prompt_text(s.get("prompt")): s for s in evals[0].get("samples") or [] if isinstance(s, dict)}
+    after = [s for s in evals[-1].get("samples") or [] if isinstance(s, dict)]
+    return [(before[p], s) for s in after if (p := _prompt_text(s.get("prompt"))) in before][:MAX_SAMPLES]
+
+
+def _training_samples(samples: list[Row]) -> list[str]:
+    """Fallback when evals cannot be paired: completions from the last logged train step."""
+    steps = [s["step"] for s in samples if isinstance(s.get("step"), int)]
+    if not steps:
+        return ["No sample completions were recorded.", ""]
+    chosen = [s for s in samples if s.get("step") == max(steps)][:MAX_SAMPLES]
+    texts = [[_prompt_text(s.get("prompt")), s.get("completion", ""), s.get("answer", _DASH)] for s in chosen]
+    rows = [[*map(cell, t), _fmt(s.get("reward"), "score")] for t, s in zip(texts, chosen)]
+    intro = f"No eval samples to compare; training completions from step {max(steps)} (`samples.jsonl`):"
+    return [intro, "", *_table(["prompt", "completion", "answer", "reward"], rows), ""]
+
+
+def samples_section(evals: list[Row], samples: list[Row]) -> list[str]:
+    """The same eval prompts answered before and after training, side by side."""
+    lines = ["## Sample completions", ""]
+    pairs = _paired_samples(evals)
+    if not pairs:
+        return lines + _training_samples(samples)
+    before, after = f"before (step {evals[0].get('step')})", f"after (step {evals[-1].get('step')})"
+    header = ["prompt", "answer", before, "correct", after, "correct"]
+    rows = [
+        [cell(_prompt_text(a.get("prompt"))), cell(a.get("answer", _DASH))]
+        + [cell(b.get("completion", "")), _correct(b), cell(a.get("completion", "")), _correct(a)]
+        for b, a in pairs
+    ]
+    return lines + _table(header, rows) + [""]
+
+
+def header_section(name: str, run_info: Row, train_rows: list[Row]) -> list[str]:
+    """Title and the run's status line from run.json; steps fall back to the last train line."""
+    steps = run_info.get("steps", train_rows[-1]["step"] if train_rows else _DASH)
+    wall_s = number(run_info.get("wall_s"))
+    wall = _DASH if wall_s is None else f"{wall_s / 60:.1f} min"
+    status = f"**Status:** {run_info.get('status', 'unknown')} · **Steps:** {steps} · **Wall time:** {wall}"
+    keys = ("model", "started", "finished", "grpokit_version")
+    details = " · ".join(f"{k.replace('_version', '')} {run_info[k]}" for k in keys if run_info.get(k) is not None)
+    return [f"# Training report: {name}", "", status, "", *([details, ""] if details else [])]
+
+
+def build_markdown(
+    *,
+    name: str,
+    run_info: Row,
+    recipe: dict[str, Any],
+    train_rows: list[Row],
+    evals: list[Row],
+    samples: list[Row],
+    plot_names: list[str],
+) -> str:
+    """The whole report, section by section, in the order a reader asks the questions."""
+    sections = (
+        header_section(name, run_info, train_rows),
+        recipe_section(recipe),
+        eval_section(evals),
+        plots_section(plot_names),
+        training_section(train_rows),
+        samples_section(evals, samples),
+    )
+    return "\n".join(line for section in sections for line in section).rstrip() + "\n"

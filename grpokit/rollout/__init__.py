@@ -1,0 +1,7 @@
+"""Sampling completions and scoring their tokens: the Sampler protocol and grpokit's own backend."""
+
+from grpokit.rollout.logprobs import completion_logprobs
+from grpokit.rollout.prompts import encode_prompts
+from grpokit.rollout.sampler import Rollouts, Sampler, TorchSampler
+
+__all__ = ["Rollouts", "Sampler", "TorchSampler", "completion_logprobs", "encode_prompts"]

@@ -1,0 +1,128 @@
+"""grpokit's batched sampler: prefill once per prompt, then decode all G samples together.
+
+Each prompt's KV cache is computed once and repeated G times (a group shares its prompt),
+then one forward per new token serves every sequence. Finished sequences keep producing
+padding (masked out) so shapes stay fixed; decoding stops when all have hit EOS or
+``max_new_tokens``. Sampling applies temperature, then top-k, then top-p (as HF does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Rollouts:
+    """N = B*G sequences; rows ``[i*G, (i+1)*G)`` are prompt i's samples."""
+
+    prompt_ids_NP: torch.Tensor  # [N, P] left-padded
+    prompt_mask_NP: torch.Tensor  # [N, P] 1 on real prompt tokens
+    completion_ids_NC: torch.Tensor  # [N, C] right-padded
+    completion_mask_NC: torch.Tensor  # [N, C] 1 up to and including EOS
+    truncated_N: torch.Tensor  # [N] bool: hit max_new_tokens without EOS
+
+    @property
+    def completion_lengths_N(self) -> torch.Tensor:
+        return self.completion_mask_NC.sum(dim=1)
+
+
+class Sampler(Protocol):
+    def generate(self, prompt_ids: list[list[int]], num_generations: int, greedy: bool = False) -> Rollouts: ...
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad to a ``[B, P]`` id tensor and its mask (decoding appends on the right)."""
+    width = max(len(s) for s in sequences)
+    ids_BP = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask_BP = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids_BP[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask_BP[row, width - len(seq):] = 1
+    return ids_BP, mask_BP
+
+
+def sample_next(logits_NV: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Draw one token per row from ``[N, V]`` logits."""
+    logits_NV = logits_NV.float() / temperature
+    if top_k and top_k < logits_NV.size(-1):
+        kth_N1 = torch.topk(logits_NV, top_k, dim=-1).values[:, -1:]  # [N, 1]
+        logits_NV = logits_NV.masked_fill(logits_NV < kth_N1, float("-inf"))
+    if top_p < 1.0:
+        sorted_NV, order_NV = torch.sort(logits_NV, descending=True)
+        cum_NV = sorted_NV.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the mass before it already reaches top_p (the first always stays)
+        drop_sorted_NV = (cum_NV - sorted_NV.softmax(dim=-1)) >= top_p
+        drop_NV = torch.zeros_like(drop_sorted_NV).scatter(-1, order_NV, drop_sorted_NV)
+        logits_NV = logits_NV.masked_fill(drop_NV, float("-inf"))
+    probs_NV = logits_NV.softmax(dim=-1)
+    return torch.multinomial(probs_NV, 1, generator=generator).squeeze(1)  # [N]
+
+
+class TorchSampler:
+    """Decode with the policy's own forward and a KV cache; works for any HF causal LM."""
+
+    def __init__(self, policy, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+                 top_k: int = 0, generator: torch.Generator | None = None):
+        self.policy = policy
+        self.max_new_tokens = max_new_tokens
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.generator = generator
+
+    def _forward(self, **inputs):
+        out = self.policy.model(**inputs, use_cache=True, logits_to_keep=1)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        return out.logits[:, -1, :], cache
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], num_generations: int, greedy: bool = False) -> Rollouts:
+        policy, G = self.policy, num_generations
+        pad_id = policy.tokenizer.pad_token_id
+        device = policy.device
+        ids_BP, mask_BP = left_pad(prompt_ids, pad_id)
+        ids_BP, mask_BP = ids_BP.to(device), mask_BP.to(device)
+        pos_BP = (mask_BP.cumsum(dim=1) - 1).clamp(min=0)
+        was_training = policy.model.training
+        policy.model.eval()  # no dropout while sampling
+        with policy.autocast():
+            logits_BV, cache = self._forward(input_ids=ids_BP, attention_mask=mask_BP, position_ids=pos_BP)
+            # the group shares its prompt: prefill once, then repeat the cache G times
+            if G > 1:
+                cache.batch_repeat_interleave(G)
+            logits_NV = logits_BV.repeat_interleave(G, dim=0)  # [N, V]
+            mask_NL = mask_BP.repeat_interleave(G, dim=0)  # [N, P + t]
+            pos_N1 = pos_BP[:, -1:].repeat_interleave(G, dim=0)  # [N, 1]
+            N = logits_NV.size(0)
+            eos_E = torch.tensor(policy.eos_ids, device=device)
+            finished_N = torch.zeros(N, dtype=torch.bool, device=device)
+            tokens = []
+            for _ in range(self.max_new_tokens):
+                if greedy:
+                    next_N = logits_NV.argmax(dim=-1)
+                else:
+                    next_N = sample_next(logits_NV, self.temperature, self.top_k, self.top_p, self.generator)
+                next_N = torch.where(finished_N, torch.full_like(next_N, pad_id), next_N)
+                tokens.append(next_N)
+                finished_N = finished_N | torch.isin(next_N, eos_E)
+                if bool(finished_N.all()) or len(tokens) == self.max_new_tokens:
+                    break
+                mask_NL = torch.cat([mask_NL, torch.ones_like(mask_NL[:, :1])], dim=1)
+                pos_N1 = pos_N1 + 1
+                logits_NV, cache = self._forward(input_ids=next_N[:, None], attention_mask=mask_NL,
+                                                 position_ids=pos_N1, **{policy.cache_kw: cache})
+        policy.model.train(was_training)
+        completion_NC = torch.stack(tokens, dim=1)  # [N, C]
+        # a token counts until (and including) the first EOS of its row
+        is_eos_NC = torch.isin(completion_NC, eos_E)
+        after_eos_NC = (is_eos_NC.cumsum(dim=1) - is_eos_NC.long()) > 0
+        completion_mask_NC = (~after_eos_NC).long()
+        return Rollouts(
+            prompt_ids_NP=ids_BP.repeat_interleave(G, dim=0),
+            prompt_mask_NP=mask_BP.repeat_interleave(G, dim=0),
+            completion_ids_NC=completion_NC,
+            completion_mask_NC=completion_mask_NC,
+            truncated_N=~is_eos_NC.any(dim=1),
+        )
