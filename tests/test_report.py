@@ -30,7 +30,7 @@ def _train_line(step: int, with_kl: bool) -> dict:
         "rewards/answer_match": 0.04 * step, "rewards/answer_match_std": 0.2, "rewards/format": 1.0,
         "loss": -0.01 * step, "entropy": 1.5 - 0.02 * step, "completion_length": 30.0 + step,
         "step_time_s": float(step % 3 + 1), "tokens_per_s": 1000.0 + 10 * step,
-    }  # fmt: skip
+    }
     if with_kl:
         line["kl"] = 0.001 * step
     return line
@@ -45,10 +45,10 @@ def _eval(step: int, accuracy: float, completions: list[str], correct: list[bool
         {"prompt": prompts[i], "completion": completions[i], "answer": answers[i], "correct": correct[i]} for i in order
     ]
     return {
-        "step": step, "accuracy": accuracy, "reward": accuracy + 0.1, "rewards": {"answer_match": accuracy},
+        "step": step, "accuracy": accuracy, "reward": accuracy + 0.125, "rewards": {"answer_match": accuracy},
         "completion_length": 40.0 - step / 2, "num_examples": 32, "accuracy_reward": "answer_match",
         "samples": samples,
-    }  # fmt: skip
+    }
 
 
 def make_run(root: Path, *, evals: bool = True, with_kl: bool = True) -> Path:
@@ -57,14 +57,14 @@ def make_run(root: Path, *, evals: bool = True, with_kl: bool = True) -> Path:
     run.mkdir()
     (run / "recipe.yaml").write_text(yaml.safe_dump(RECIPE))
     run_info = {"status": "finished", "started": "2025-01-01T00:00:00", "wall_s": 750.0, "steps": STEPS,
-                "model": "SmolLM2-135M-Instruct", "grpokit_version": "0.1.0"}  # fmt: skip
+                "model": "SmolLM2-135M-Instruct", "grpokit_version": "0.1.0"}
     (run / "run.json").write_text(json.dumps(run_info))
     lines = [_train_line(s, with_kl) for s in range(1, STEPS + 1)]
     if evals:
         # 8/32 correct before, 15/32 after: +21.875 pp, printed +21.9 pp
         files = {0: _eval(0, 0.25, ["5", "6", "a" * 300], [False, False, False]),
                  5: _eval(5, 0.3, ["4", "6", "y"], [True, False, False]),
-                 20: _eval(20, 15 / 32, ["4", "9", "x"], [True, True, True])}  # fmt: skip
+                 20: _eval(20, 15 / 32, ["4", "9", "x"], [True, True, True])}
         (run / "eval").mkdir()
         for step, data in files.items():
             (run / "eval" / f"step-{step}.json").write_text(json.dumps(data))
@@ -92,7 +92,7 @@ def test_report_before_after_table_and_summary(tmp_path: Path) -> None:
     # earliest (step 0) vs latest (step 20), not step 5, which sorts last as text
     assert "| metric | before (step 0) | after (step 20) | change |" in report
     assert _table_row(report, "Accuracy") == ["Accuracy", "25.0%", "46.9%", "+21.9 pp"]
-    assert _table_row(report, "Mean reward") == ["Mean reward", "0.350", "0.569", "+0.219"]
+    assert _table_row(report, "Mean reward") == ["Mean reward", "0.375", "0.594", "+0.219"]
     assert _table_row(report, "Mean completion length (tokens)")[1:] == ["40.0", "30.0", "-10.0"]
     assert _table_row(report, "Examples")[1:] == ["32", "32", "+0"]
     assert "reward `answer_match` scored as correct" in report
@@ -108,7 +108,7 @@ def test_report_recipe_table(tmp_path: Path) -> None:
     report = write_report(make_run(tmp_path)).read_text()
     assert _table_row(report, "`model.lora`")[1] == "LoRA r=16, alpha=32"
     assert _table_row(report, "`training.learning_rate`")[1] == "1e-05"
-    assert _table_row(report, "`rewards`")[1] == "answer_match × 1.0, format × 0.2"
+    assert _table_row(report, "`rewards`")[1] == "answer\\_match × 1.0, format × 0.2"  # `_` escaped for Markdown
     assert _table_row(report, "`rollout.num_generations`")[1] == "4"
 
 
@@ -123,8 +123,9 @@ def test_report_writes_every_plot_as_png(tmp_path: Path) -> None:
 
 def test_report_pairs_samples_by_prompt_and_escapes_cells(tmp_path: Path) -> None:
     report = write_report(make_run(tmp_path)).read_text()
-    row = _table_row(report, "What is 3*3?")
-    assert row == ["What is 3*3?", "9", "6", "no", "9", "yes"]
+    # the 3*3 row pairs step 0's "6" with step 20's "9" although the files list them in
+    # different orders; `*` is escaped so it cannot start emphasis
+    assert _table_row(report, "What is 3\\*3?") == ["What is 3\\*3?", "9", "6", "no", "9", "yes"]
     escaped = _table_row(report, "Say \\| pipes<br>and newlines")
     assert escaped[2] == "a" * 200 + "…"  # the 300-character completion, truncated
     assert escaped[3:] == ["no", "x", "yes"]
@@ -172,3 +173,18 @@ def test_bad_eval_file_names_file_and_line(tmp_path: Path) -> None:
     (run / "eval" / "step-5.json").write_text('{"step": 5,\n "accuracy": }\n')
     with pytest.raises(RunDirError, match=r"step-5\.json:2: not valid JSON"):
         write_report(run)
+
+
+def test_minimal_run_with_one_eval_and_sparse_lines(tmp_path: Path) -> None:
+    """A run killed early: no recipe, no run.json, one train line with only a reward."""
+    run = tmp_path / "early"
+    (run / "eval").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "reward": null}\n')
+    (run / "eval" / "step-0.json").write_text(json.dumps({"step": 0, "accuracy": 0.5, "samples": []}))
+    report = write_report(run).read_text()
+    assert "**Status:** unknown · **Steps:** 1 · **Wall time:** —" in report
+    assert "No recipe.yaml" in report
+    assert _table_row(report, "Accuracy") == ["Accuracy", "50.0%"]
+    assert "Only one evaluation so far" in report
+    assert "No sample completions were recorded." in report
+    assert sorted(p.name for p in (run / "plots").iterdir()) == ["accuracy.png"]

@@ -8,6 +8,7 @@ or that died early.
 
 from __future__ import annotations
 
+import re
 import statistics
 from typing import Any
 
@@ -27,15 +28,17 @@ MAX_CELL_CHARS = 200
 
 
 def cell(value: Any, limit: int = MAX_CELL_CHARS) -> str:
-    """Make text safe for one Markdown table cell: truncated, pipes and newlines escaped.
+    """Make text show verbatim in one Markdown table cell: truncated, then escaped.
 
-    ``<`` and ``>`` are escaped too: completions are full of ``<think>``-style tags that a
-    Markdown renderer would otherwise swallow as HTML, hiding exactly what we want to see.
+    A ``|`` would end the cell and a newline the row; ``*``, ``_`` and backticks would turn
+    ``3*4*5`` into emphasis; ``<think>``-style tags would be swallowed as HTML, hiding
+    exactly what a reader wants to see. Newlines become ``<br>`` so lines stay visible.
     """
     text = str(value).strip()
     if len(text) > limit:
         text = text[:limit].rstrip() + "…"
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = re.sub(r"([\\`*_|])", r"\\\1", text)
     return text.replace("\r\n", "\n").replace("\n", "<br>")
 
 
@@ -82,16 +85,11 @@ def _format_rewards(rewards: Any) -> str:
     return ", ".join(f"{r.get('name', '?')}{w}" for r, w in zip(items, weights))
 
 
-def _format_value(value: Any) -> str:
-    """Render a plain recipe value; floats in ``%g`` so a learning rate reads 1e-06."""
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
 def recipe_section(recipe: dict[str, Any]) -> list[str]:
     """The important recipe fields, those present, as a two-column table."""
     formats = {"model.lora": _format_lora, "rewards": _format_rewards}
     fields = [(p, v) for p in _RECIPE_FIELDS if (v := _dig(recipe, p)) is not _MISSING]
-    rows = [[f"`{p}`", cell(formats.get(p, _format_value)(v))] for p, v in fields]
+    rows = [[f"`{p}`", cell(formats.get(p, str)(v))] for p, v in fields]
     if not rows:
         return ["## Recipe", "", "No recipe.yaml in the run directory.", ""]
     return ["## Recipe", "", *_table(["field", "value"], rows), ""]
@@ -234,8 +232,8 @@ def header_section(name: str, run_info: Row, train_rows: list[Row]) -> list[str]
     wall_s = number(run_info.get("wall_s"))
     wall = _DASH if wall_s is None else f"{wall_s / 60:.1f} min"
     status = f"**Status:** {run_info.get('status', 'unknown')} · **Steps:** {steps} · **Wall time:** {wall}"
-    keys = ("model", "started", "finished", "grpokit_version")
-    details = " · ".join(f"{k.replace('_version', '')} {run_info[k]}" for k in keys if run_info.get(k) is not None)
+    keys = {"model": "Model", "started": "started", "finished": "finished", "grpokit_version": "grpokit"}
+    details = " · ".join(f"{label} {cell(run_info[k])}" for k, label in keys.items() if run_info.get(k) is not None)
     return [f"# Training report: {name}", "", status, "", *([details, ""] if details else [])]
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 Row = dict[str, Any]
 CAPTIONS = {
@@ -78,6 +79,7 @@ def _figure(nrows: int = 1) -> tuple[Figure, list[Axes]]:
     axes = [fig.add_subplot(nrows, 1, i + 1) for i in range(nrows)]
     for ax in axes:
         ax.grid(True, alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     return fig, axes
 
 
@@ -106,8 +108,9 @@ def plot_reward(train_rows: list[Row], path: Path) -> bool:
         window = max(1, min(25, len(reward) // 10))
         if window > 1:
             ax.plot(steps, moving_average(reward, window), color="tab:blue", label=f"moving average ({window} steps)")
-    for name, c_steps, c_values in components:
-        _line(ax, c_steps, c_values, linestyle="--", linewidth=1.0, label=name)
+    # components start at colour C1: C0 is the total's
+    for i, (name, c_steps, c_values) in enumerate(components, start=1):
+        _line(ax, c_steps, c_values, color=f"C{i % 10}", linestyle="--", linewidth=1.0, label=name)
     ax.set(title="Reward per training step", xlabel="step", ylabel="mean reward")
     ax.legend(fontsize="small")
     _save(fig, path)

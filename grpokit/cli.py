@@ -1,0 +1,115 @@
+"""The ``grpokit`` command: one subcommand per job, each a thin shell over a library call.
+
+Errors grpokit raises on purpose print as one message and exit 2; ``--debug`` shows the
+traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from grpokit.errors import GrpokitError
+
+
+def _progress_bar(total: int):
+    """A rich progress bar with the step's reward, KL and seconds per step."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(),
+    )
+    task = bar.add_task("train", total=total, stats="")
+
+    def update(step: int, stats: dict) -> None:
+        text = f"reward {stats['reward']:.3f}  kl {stats['kl']:.4f}  {stats['step_time_s']:.1f} s/step"
+        bar.update(task, completed=step, stats=text)
+
+    return bar, update
+
+
+def cmd_train(args) -> int:
+    from rich.console import Console
+
+    from grpokit.config import load_recipe
+    from grpokit.train import dry_run, train
+
+    recipe = load_recipe(args.recipe, args.set)
+    console = Console()
+    if args.dry_run:
+        plan = dry_run(recipe)
+        console.print(f"[bold]plan[/bold] for {args.recipe}")
+        for key, value in plan.items():
+            if key != "samples":
+                console.print(f"  {key}: {value}")
+        console.print(f"  steps: {recipe.training.max_steps} x {recipe.training.prompts_per_step} prompts x "
+                      f"{recipe.rollout.num_generations} generations -> {recipe.training.output_dir}")
+        for sample in plan["samples"][:4]:
+            console.print(f"  sample: {sample['completion']!r}  reward {sample['reward']:.2f}")
+        console.print("[green]dry run OK[/green]: nothing was written")
+        return 0
+    if recipe.logging.progress and sys.stderr.isatty():
+        bar, update = _progress_bar(recipe.training.max_steps)
+        with bar:
+            run_dir = train(recipe, overwrite=args.overwrite, progress=update)
+    else:
+        def update(step: int, stats: dict) -> None:
+            print(f"step {step}/{recipe.training.max_steps}  reward {stats['reward']:.3f}  kl {stats['kl']:.4f}  "
+                  f"{stats['step_time_s']:.1f} s/step", flush=True)
+        run_dir = train(recipe, overwrite=args.overwrite, progress=update)
+    _print_before_after(console, run_dir)
+    return 0
+
+
+def _print_before_after(console, run_dir) -> None:
+    import json
+
+    evals = sorted((run_dir / "eval").glob("step-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    if len(evals) >= 2:
+        first, last = (json.loads(p.read_text()) for p in (evals[0], evals[-1]))
+        console.print(f"held-out accuracy {100 * first['accuracy']:.1f}% -> {100 * last['accuracy']:.1f}% "
+                      f"(step {first['step']} -> {last['step']}); run dir {run_dir}")
+
+
+def cmd_report(args) -> int:
+    from grpokit.report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grpokit", description="GRPO fine-tuning from a YAML recipe.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for grpokit's own errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model with GRPO from a recipe")
+    train.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe field, e.g. --set training.max_steps=10 (repeatable)")
+    train.add_argument("--dry-run", action="store_true", help="validate, load, sample once, print the plan; write nothing")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.set_defaults(func=cmd_train)
+    report = sub.add_parser("report", help="write report.md and plots for a run directory")
+    report.add_argument("run_dir", help="a run directory written by `grpokit train`")
+    report.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GrpokitError as err:
+        if args.debug:
+            raise
+        print(f"grpokit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("grpokit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
