@@ -13,6 +13,8 @@ from typing import Protocol
 
 import torch
 
+from grpokit.rollout.logprobs import backbone_and_head
+
 
 @dataclass
 class Rollouts:
@@ -73,9 +75,11 @@ class TorchSampler:
         self.generator = generator
 
     def _forward(self, **inputs):
-        out = self.policy.model(**inputs, use_cache=True, logits_to_keep=1)
+        """Logits of the last position ``[N, V]`` and the updated KV cache."""
+        backbone, head = backbone_and_head(self.policy.model)
+        out = backbone(**inputs, use_cache=True)
         cache = out["cache"] if "cache" in out else out["past_key_values"]
-        return out.logits[:, -1, :], cache
+        return head(out.last_hidden_state[:, -1, :]), cache
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], num_generations: int, greedy: bool = False) -> Rollouts:
