@@ -28,3 +28,33 @@ def save_checkpoint(policy, directory: str | Path, state: dict) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def load_checkpoint(directory: str | Path, dtype=None, device: str = "cpu"):
+    """Load a checkpoint written by ``save_checkpoint``: ``(model, tokenizer)``.
+
+    A LoRA checkpoint holds a PEFT adapter; its base model is the path PEFT recorded in
+    ``adapter_config.json`` (for the embedded model, grpokit's converted cache dir).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpokit.errors import ModelError
+
+    directory = Path(directory)
+    dtype = dtype or torch.float32
+    if not directory.is_dir():
+        raise ModelError(f"{directory}: checkpoint directory not found")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    adapter_config = directory / "adapter_config.json"
+    if adapter_config.is_file():
+        from peft import PeftModel
+
+        base_path = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        if not base_path:
+            raise ModelError(f"{adapter_config}: no base_model_name_or_path; cannot find the base model")
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+        model = PeftModel.from_pretrained(base, directory)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    return model.to(device).eval(), tokenizer
