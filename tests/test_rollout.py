@@ -67,3 +67,12 @@ def test_cached_decoding_matches_full_forward_scoring(char_tokenizer):
     assert torch.equal(logits[:, -C - 1:-1].argmax(-1), out.completion_ids_NC)
     ref = torch.log_softmax(logits[:, -C - 1:-1].float(), -1).gather(-1, out.completion_ids_NC[..., None]).squeeze(-1)
     assert torch.allclose(logp, ref, atol=1e-5)
+
+
+def test_inverse_cdf_sampling_matches_the_distribution_and_never_draws_masked_tokens():
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    logits = probs.log().expand(20000, 4)
+    draws = sample_next(logits, 1.0, 0, 1.0, torch.Generator().manual_seed(1))
+    freq = torch.bincount(draws, minlength=4).float() / draws.numel()
+    assert freq[1] == 0.0
+    assert torch.allclose(freq, probs, atol=0.015)

@@ -131,11 +131,15 @@ def load_policy(model_cfg, beta: float) -> Policy:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model_dir(model_cfg.path)
+    device = pick_device(model_cfg.device)
+    attention = model_cfg.attn_implementation
+    if attention == "auto":
+        attention = "eager" if device.type == "cpu" else "sdpa"
     kwargs = {"trust_remote_code": model_cfg.trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation=attention, **kwargs)
     except OSError as exc:
         raise ModelError(f"model.path {model_cfg.path!r}: cannot load ({exc})") from None
     tokenizer.padding_side = "left"
-    return wrap_policy(model, tokenizer, model_cfg, beta, pick_device(model_cfg.device))
+    return wrap_policy(model, tokenizer, model_cfg, beta, device)

@@ -60,8 +60,13 @@ def sample_next(logits_NV: torch.Tensor, temperature: float, top_k: int, top_p: 
         drop_sorted_NV = (cum_NV - sorted_NV.softmax(dim=-1)) >= top_p
         drop_NV = torch.zeros_like(drop_sorted_NV).scatter(-1, order_NV, drop_sorted_NV)
         logits_NV = logits_NV.masked_fill(drop_NV, float("-inf"))
-    probs_NV = logits_NV.softmax(dim=-1)
-    return torch.multinomial(probs_NV, 1, generator=generator).squeeze(1)  # [N]
+    # inverse-CDF sampling: one uniform per row and a binary search over the cumulative
+    # probabilities. torch.multinomial draws an exponential variate per vocabulary entry
+    # (1.5 M per step for 32 rows x 49k), which took a quarter of the decode time here.
+    cdf_NV = logits_NV.softmax(dim=-1).cumsum(dim=-1)
+    u_N1 = torch.rand(cdf_NV.size(0), 1, generator=generator, device=cdf_NV.device) * cdf_NV[:, -1:]
+    # right=True: the first index whose cdf exceeds u, so zero-probability tokens are never drawn
+    return torch.searchsorted(cdf_NV, u_N1, right=True).squeeze(1).clamp(max=cdf_NV.size(-1) - 1)  # [N]
 
 
 class TorchSampler:
