@@ -5,7 +5,6 @@ Every error names the file and line, and what to change.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
@@ -13,32 +12,22 @@ from typing import Any
 
 from grpokit.data.tasks import make_task
 from grpokit.errors import DataError
+from grpokit.jsonio import JsonLineError, read_jsonl_lines
 
 DEFAULT_TASK_SIZE = 2000
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSON-lines file; blank lines are skipped, anything else must be a JSON object."""
+    """Read a JSON-lines file; each row remembers its line (``_line``) for later errors."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
-    rows = []
     try:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
-                row["_line"] = number
-                rows.append(row)
+        return [{**row, "_line": lineno} for lineno, row in read_jsonl_lines(path)]
+    except JsonLineError as exc:
+        raise DataError(str(exc)) from None
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 (byte {exc.start}); re-encode the file as UTF-8") from None
-    return rows
 
 
 def _normalise(rows: list[dict], source: str, prompt_field: str, answer_field: str) -> list[dict]:

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from grpokit.errors import RunDirError
+from grpokit.jsonio import JsonLineError, read_jsonl_lines
 from grpokit.report.markdown import build_markdown
 from grpokit.report.plots import Row, write_plots
 
@@ -36,19 +37,10 @@ def _bad_line(path: Path, lineno: int, what: str) -> RunDirError:
 
 def _read_jsonl(path: Path) -> list[tuple[int, Row]]:
     """(line number, object) for each non-blank line; anything but a JSON object is an error."""
-    rows = []
-    with path.open(encoding="utf-8") as lines:
-        for lineno, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _bad_line(path, lineno, f"not valid JSON ({e.msg}, column {e.colno})") from e
-            if not isinstance(row, dict):
-                raise _bad_line(path, lineno, f"expected a JSON object, got {type(row).__name__}")
-            rows.append((lineno, row))
-    return rows
+    try:
+        return read_jsonl_lines(path)
+    except JsonLineError as e:
+        raise _bad_line(e.path, e.lineno, e.what) from e
 
 
 def _read_json(path: Path) -> Row:
