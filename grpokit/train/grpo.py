@@ -12,6 +12,7 @@ This module is the only place that knows the order of the stages.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from grpokit.rollout import Rollouts, TorchSampler, completion_logprobs, encode_
 from grpokit.train.rundir import now_iso, prepare_run_dir, write_json
 from grpokit.train.schedule import build_optimizer
 
+log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, dict[str, Any]], None]
 
 
@@ -161,6 +163,8 @@ def run_eval(run: Run, step: int, run_dir: Path, sink: JsonlSink) -> dict[str, A
         batch_size=recipe.eval.batch_size, num_samples=recipe.eval.num_samples,
     )
     result["step"] = step
+    log.info("eval at step %d: accuracy %.1f%% (%d held-out rows), mean reward %.3f",
+             step, 100 * result["accuracy"], result["num_examples"], result["reward"])
     write_json(run_dir / "eval" / f"step-{step}.json", result)
     line = {"step": step, "kind": "eval", "accuracy": result["accuracy"], "reward": result["reward"],
             "completion_length": result["completion_length"], "num_examples": result["num_examples"]}
