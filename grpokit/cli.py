@@ -51,7 +51,14 @@ def cmd_train(args) -> int:
         console.print("[green]dry run OK[/green]: nothing was written")
         return 0
     if recipe.logging.progress and sys.stderr.isatty():
+        import logging
+
+        from rich.logging import RichHandler
+
         bar, update = _progress_bar(recipe.training.max_steps)
+        # log lines go through the bar's console, above the bar instead of through it
+        logging.basicConfig(level=logging.INFO, format="%(message)s", force=True,
+                            handlers=[RichHandler(console=bar.console, show_path=False)])
         with bar:
             run_dir = train(recipe, overwrite=args.overwrite, progress=update)
     else:

@@ -1,5 +1,6 @@
 """The sampler: stops at EOS, respects max tokens, agrees with the scorer."""
 
+import pytest
 import torch
 
 from grpokit.config import ModelConfig
@@ -51,9 +52,12 @@ def test_top_k_one_is_greedy_and_top_p_keeps_the_head():
         assert sample_next(logits, 1.0, 0, 0.5, gen).tolist() == [1, 0]
 
 
-def test_cached_decoding_matches_full_forward_scoring(char_tokenizer):
-    """Greedy tokens from the KV-cache decode must be the argmax under a full forward."""
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_cached_decoding_matches_full_forward_scoring(char_tokenizer, attention):
+    """Greedy tokens from the KV-cache decode must be the argmax under a full forward,
+    with left padding, for both attention kernels."""
     policy = tiny_policy(char_tokenizer)
+    policy.model.set_attn_implementation(attention)
     ids, _ = encode_prompts(char_tokenizer, ["abc", "a much longer prompt here"], True, None, 64)
     out = TorchSampler(policy, max_new_tokens=6).generate(ids, num_generations=1, greedy=True)
     with torch.no_grad():

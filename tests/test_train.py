@@ -103,3 +103,13 @@ def test_grad_accum_gives_the_same_update(tiny_model_dir, tmp_path):
         policy_update(run, optimizer, scheduler, rollouts, adv)
         params.append(torch.cat([p.detach().flatten() for p in run.policy.trainable_parameters()]))
     assert torch.allclose(params[0], params[1], atol=1e-6, rtol=1e-4)
+
+
+def test_bad_reward_fails_before_the_run_dir_is_written(tiny_model_dir, tmp_path, capsys):
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run")
+    recipe["rewards"] = [{"name": "no_such_module:fn"}]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(path)]) == 2
+    assert "cannot import module 'no_such_module'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

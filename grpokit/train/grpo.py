@@ -32,7 +32,7 @@ from grpokit.log import JsonlSink
 from grpokit.models import Policy, load_policy, save_checkpoint
 from grpokit.rewards import RewardSet
 from grpokit.rollout import Rollouts, TorchSampler, completion_logprobs, encode_prompts
-from grpokit.train.rundir import now_iso, prepare_run_dir, write_json
+from grpokit.train.rundir import check_run_dir, now_iso, prepare_run_dir, write_json
 from grpokit.train.schedule import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -183,13 +183,18 @@ def write_samples(run: Run, step: int, rows: list[dict], texts: list[str], total
 
 
 def train(recipe: Recipe, overwrite: bool = False, progress: ProgressFn | None = None) -> Path:
-    """Run the recipe end to end; return the run directory."""
+    """Run the recipe end to end; return the run directory.
+
+    Data, rewards and model load before the run directory is touched, so bad input
+    never leaves a half-written run behind (or deletes the old one under --overwrite).
+    """
+    started, t_start = now_iso(), time.perf_counter()
+    check_run_dir(recipe.training.output_dir, overwrite)
+    run = setup(recipe)
     run_dir = prepare_run_dir(recipe.training.output_dir, overwrite)
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-    started, t_start = now_iso(), time.perf_counter()
     run_info = {"status": "running", "started": started, "steps": 0, "model": recipe.model.path, "grpokit_version": __version__}
     write_json(run_dir / "run.json", run_info)
-    run = setup(recipe)
     training, G = recipe.training, recipe.rollout.num_generations
     optimizer, scheduler = build_optimizer(run.policy.trainable_parameters(), training)
     metrics_sink, samples_sink = JsonlSink(run_dir / "metrics.jsonl"), JsonlSink(run_dir / "samples.jsonl")

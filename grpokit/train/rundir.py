@@ -10,17 +10,25 @@ from pathlib import Path
 from grpokit.errors import RunDirError
 
 
-def prepare_run_dir(output_dir: str, overwrite: bool) -> Path:
-    """Create ``output_dir``; refuse one that already holds files unless ``overwrite``."""
+def check_run_dir(output_dir: str, overwrite: bool) -> Path:
+    """Refuse, before anything is loaded or written, a run dir that already holds files."""
     run_dir = Path(output_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise RunDirError(
-                f"{run_dir} already holds a run; pass --overwrite to replace it "
-                "or set training.output_dir (--set training.output_dir=runs/NAME) to keep it"
-            )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"training.output_dir {run_dir} is a file, not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
+        raise RunDirError(
+            f"{run_dir} already holds a run; pass --overwrite to replace it "
+            "or set training.output_dir (--set training.output_dir=runs/NAME) to keep it"
+        )
+    return run_dir
+
+
+def prepare_run_dir(output_dir: str, overwrite: bool) -> Path:
+    """Create an empty ``output_dir`` (replacing an old run only when ``overwrite``)."""
+    run_dir = check_run_dir(output_dir, overwrite)
+    if run_dir.is_dir():
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True)
     return run_dir
 
 
