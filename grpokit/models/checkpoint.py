@@ -30,7 +30,7 @@ def save_checkpoint(policy, directory: str | Path, state: dict) -> Path:
     return directory
 
 
-def load_checkpoint(directory: str | Path, dtype=None, device: str = "cpu"):
+def load_checkpoint(directory: str | Path, dtype=None, device: str = "cpu", attn_implementation: str = "auto"):
     """Load a checkpoint written by ``save_checkpoint``: ``(model, tokenizer)``.
 
     A LoRA checkpoint holds a PEFT adapter; its base model is the path PEFT recorded in
@@ -40,9 +40,11 @@ def load_checkpoint(directory: str | Path, dtype=None, device: str = "cpu"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from grpokit.errors import ModelError
+    from grpokit.models.loading import choose_attention
 
     directory = Path(directory)
     dtype = dtype or torch.float32
+    attention = choose_attention(attn_implementation, torch.device(device))
     if not directory.is_dir():
         raise ModelError(f"{directory}: checkpoint directory not found")
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -53,8 +55,8 @@ def load_checkpoint(directory: str | Path, dtype=None, device: str = "cpu"):
         base_path = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
         if not base_path:
             raise ModelError(f"{adapter_config}: no base_model_name_or_path; cannot find the base model")
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, attn_implementation=attention)
         model = PeftModel.from_pretrained(base, directory)
     else:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attention)
     return model.to(device).eval(), tokenizer

@@ -50,6 +50,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def choose_attention(name: str, device: torch.device) -> str:
+    """Resolve "auto": eager attention on CPU (faster backward on short sequences), SDPA elsewhere."""
+    if name != "auto":
+        return name
+    return "eager" if device.type == "cpu" else "sdpa"
+
+
 @dataclass
 class Policy:
     """What the later stages need of the model, and nothing about how it was built."""
@@ -132,9 +139,7 @@ def load_policy(model_cfg, beta: float) -> Policy:
 
     source = resolve_model_dir(model_cfg.path)
     device = pick_device(model_cfg.device)
-    attention = model_cfg.attn_implementation
-    if attention == "auto":
-        attention = "eager" if device.type == "cpu" else "sdpa"
+    attention = choose_attention(model_cfg.attn_implementation, device)
     kwargs = {"trust_remote_code": model_cfg.trust_remote_code}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
