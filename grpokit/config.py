@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from grpokit.errors import RecipeError
 
@@ -88,13 +88,61 @@ class RolloutConfig(Section):
     """Keep only the k most likely tokens (0 = off)."""
 
 
+class ReplayConfig(Section):
+    capacity: int = Field(0, ge=0)
+    """Groups kept in the replay buffer (the highest mean |advantage|); 0 turns replay off."""
+    ratio: float = Field(0.25, ge=0, lt=1)
+    """Share of each step's P groups drawn from the buffer (at most P - 1)."""
+
+
 class AlgorithmConfig(Section):
     beta: float = Field(0.04, ge=0)
-    """Weight of the k3 KL penalty to the reference; 0 skips the reference pass entirely."""
+    """Weight of the KL penalty to the reference; 0 skips the reference pass entirely."""
+    kl_estimator: str = "k3"
+    """KL(policy || reference) estimator: k1 (log ratio), k2 (squared log ratio / 2) or k3 (exp(r) - r - 1)."""
     epsilon: float = Field(0.2, gt=0, lt=1)
     """PPO clip range: the ratio is clipped to [1 - epsilon, 1 + epsilon]."""
-    scale_rewards: bool = True
-    """Divide advantages by the group's reward std (GRPO); false keeps mean-centring only (Dr. GRPO)."""
+    epsilon_low: float | None = Field(None, gt=0, lt=1)
+    """Lower clip range (default: epsilon)."""
+    epsilon_high: float | None = Field(None, gt=0)
+    """Upper clip range (default: epsilon); DAPO's clip-higher uses 0.28 with epsilon_low 0.2."""
+    loss_type: str = "grpo"
+    """How token losses are averaged: grpo, bnpo, dr_grpo or dapo (see grpokit/algo/loss.py)."""
+    advantage: str = "group_std"
+    """Advantage estimator: group_std (GRPO), group_mean (Dr. GRPO), batch_std, or rloo."""
+    importance_level: Literal["token", "sequence"] = "token"
+    """Importance weights per token (GRPO) or per sequence, length-normalised (GSPO)."""
+    num_iterations: int = Field(1, ge=1)
+    """mu: optimiser passes over each generation batch; > 1 stores old log-probs at generation time."""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal and sample more prompts until the batch is full."""
+    max_sampling_rounds: int = Field(3, ge=0)
+    """With dynamic sampling: extra generation rounds allowed per step before training on what was kept."""
+    mask_truncated_completions: bool = False
+    """Leave completions that hit max_completion_length without EOS out of the loss."""
+    overlong_buffer: int | None = Field(None, ge=1)
+    """DAPO's soft overlong penalty: the last N tokens before max_completion_length cost up to overlong_penalty."""
+    overlong_penalty: float = Field(1.0, ge=0)
+    """Largest overlong penalty, reached at max_completion_length."""
+    top_entropy_quantile: float = Field(1.0, gt=0, le=1)
+    """Train only on the tokens in this top quantile of entropy (1.0: all tokens; 0.2 as in arXiv:2506.01939)."""
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    """Replay buffer of high-|advantage| groups mixed into later batches (off by default)."""
+
+    @field_validator("loss_type", "advantage", "kl_estimator")
+    @classmethod
+    def _registered(cls, value: str, info) -> str:
+        from grpokit.algo import ADVANTAGES, KL_ESTIMATORS, LOSS_TYPES
+
+        registry = {"loss_type": LOSS_TYPES, "advantage": ADVANTAGES, "kl_estimator": KL_ESTIMATORS}[info.field_name]
+        if value not in registry.names():
+            raise ValueError(f"choose one of {registry.names()}")
+        return value
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        """(epsilon_low, epsilon_high) with the symmetric default filled in."""
+        return (self.epsilon_low or self.epsilon, self.epsilon_high or self.epsilon)
 
 
 class RewardSpec(Section):

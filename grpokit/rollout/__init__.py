@@ -2,6 +2,6 @@
 
 from grpokit.rollout.logprobs import completion_logprobs
 from grpokit.rollout.prompts import encode_prompts
-from grpokit.rollout.sampler import Rollouts, Sampler, TorchSampler
+from grpokit.rollout.sampler import Rollouts, Sampler, TorchSampler, concat_rollouts
 
-__all__ = ["Rollouts", "Sampler", "TorchSampler", "completion_logprobs", "encode_prompts"]
+__all__ = ["Rollouts", "Sampler", "TorchSampler", "completion_logprobs", "concat_rollouts", "encode_prompts"]

@@ -30,6 +30,32 @@ class Rollouts:
     def completion_lengths_N(self) -> torch.Tensor:
         return self.completion_mask_NC.sum(dim=1)
 
+    def select(self, rows_M: torch.Tensor) -> "Rollouts":
+        """The sequences at ``rows_M``, in that order."""
+        return Rollouts(self.prompt_ids_NP[rows_M], self.prompt_mask_NP[rows_M], self.completion_ids_NC[rows_M],
+                        self.completion_mask_NC[rows_M], self.truncated_N[rows_M])
+
+
+def _pad_to(x_NW: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
+    missing = width - x_NW.size(1)
+    if missing <= 0:
+        return x_NW
+    pad_NM = torch.full((x_NW.size(0), missing), value, dtype=x_NW.dtype, device=x_NW.device)
+    return torch.cat([pad_NM, x_NW] if left else [x_NW, pad_NM], dim=1)
+
+
+def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
+    """Stack rollouts of different widths: prompts re-padded on the left, completions on the right."""
+    P = max(r.prompt_ids_NP.size(1) for r in parts)
+    C = max(r.completion_ids_NC.size(1) for r in parts)
+    return Rollouts(
+        prompt_ids_NP=torch.cat([_pad_to(r.prompt_ids_NP, P, pad_id, left=True) for r in parts]),
+        prompt_mask_NP=torch.cat([_pad_to(r.prompt_mask_NP, P, 0, left=True) for r in parts]),
+        completion_ids_NC=torch.cat([_pad_to(r.completion_ids_NC, C, pad_id, left=False) for r in parts]),
+        completion_mask_NC=torch.cat([_pad_to(r.completion_mask_NC, C, 0, left=False) for r in parts]),
+        truncated_N=torch.cat([r.truncated_N for r in parts]),
+    )
+
 
 class Sampler(Protocol):
     def generate(self, prompt_ids: list[list[int]], num_generations: int, greedy: bool = False) -> Rollouts: ...

@@ -23,17 +23,18 @@ from typing import Any, Callable
 import torch
 
 from grpokit import __version__
-from grpokit.algo import group_advantages, grpo_loss
+from grpokit.algo.replay import ReplayBuffer
 from grpokit.config import Recipe, dump_recipe
 from grpokit.data import load_splits
 from grpokit.eval import evaluate
-from grpokit.eval.runner import as_completions, columns_of
 from grpokit.log import JsonlSink
 from grpokit.models import Policy, load_policy, save_checkpoint
 from grpokit.rewards import RewardSet
-from grpokit.rollout import Rollouts, TorchSampler, completion_logprobs, encode_prompts
+from grpokit.rollout import Rollouts, TorchSampler
+from grpokit.train.batch import Batch, collect_batch, sample_round
 from grpokit.train.rundir import check_run_dir, now_iso, prepare_run_dir, write_json
 from grpokit.train.schedule import build_optimizer
+from grpokit.train.update import policy_update
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, dict[str, Any]], None]
@@ -51,6 +52,7 @@ class Run:
     eval_rows: list[dict]
     rng: random.Random
     order: list[int]
+    replay: ReplayBuffer | None = None
     cursor: int = 0
 
 
@@ -69,7 +71,8 @@ def setup(recipe: Recipe) -> Run:
     rng = random.Random(training.seed)
     order = list(range(len(train_rows)))
     rng.shuffle(order)
-    return Run(recipe, policy, rewards, sampler, train_rows, eval_rows, rng, order)
+    replay = ReplayBuffer(recipe.algorithm.replay.capacity) if recipe.algorithm.replay.capacity else None
+    return Run(recipe, policy, rewards, sampler, train_rows, eval_rows, rng, order, replay)
 
 
 def next_prompts(run: Run, count: int) -> list[dict]:
@@ -84,67 +87,10 @@ def next_prompts(run: Run, count: int) -> list[dict]:
     return rows
 
 
-def encode(run: Run, prompts: list) -> tuple[list[list[int]], int]:
-    data = run.recipe.data
-    return encode_prompts(run.policy.tokenizer, prompts, data.chat_template, data.system_prompt,
-                          run.recipe.rollout.max_prompt_length)
-
-
-def sample(run: Run, rows: list[dict]) -> tuple[Rollouts, list[str]]:
-    ids, _ = encode(run, [r["prompt"] for r in rows])
-    rollouts = run.sampler.generate(ids, run.recipe.rollout.num_generations)
-    texts = run.policy.tokenizer.batch_decode(rollouts.completion_ids_NC, skip_special_tokens=True)
-    return rollouts, texts
-
-
-def score(run: Run, rows: list[dict], texts: list[str]) -> tuple[torch.Tensor, dict[str, list]]:
-    """Rewards for N = P*G completions: each row's columns repeated for its G samples."""
-    G = run.recipe.rollout.num_generations
-    group_rows = [row for row in rows for _ in range(G)]
-    prompts = [row["prompt"] for row in group_rows]
-    return run.rewards(prompts, as_completions(prompts, texts), columns_of(group_rows))
-
-
-def policy_update(run: Run, optimizer, scheduler, rollouts: Rollouts, advantages_N: torch.Tensor) -> dict[str, float]:
-    """One optimiser step over all N completions, in ``grad_accum`` micro-batches.
-
-    Each micro-batch's loss is weighted by its share of the N sequences, so the summed
-    gradient equals the full-batch gradient whatever the split.
-    """
-    policy, algo = run.policy, run.recipe.algorithm
-    N = advantages_N.size(0)
-    model = policy.model
-    model.train()
-    totals = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0}
-    for idx in torch.arange(N).chunk(run.recipe.training.grad_accum):
-        mask_nC = rollouts.completion_mask_NC[idx]
-        width = int(mask_nC.sum(dim=1).max())  # drop columns that are padding in every row
-        batch = (rollouts.prompt_ids_NP[idx], rollouts.prompt_mask_NP[idx], rollouts.completion_ids_NC[idx, :width], mask_nC[:, :width])
-        ref_logp_nC = None
-        if algo.beta > 0:
-            with torch.no_grad(), policy.reference_model() as reference, policy.autocast():
-                ref_logp_nC, _ = completion_logprobs(reference, *batch)
-        with policy.autocast():
-            logp_nC, entropy_nC = completion_logprobs(model, *batch, with_entropy=True)
-        loss, metrics = grpo_loss(logp_nC, logp_nC.detach(), advantages_N[idx].to(logp_nC.device), batch[3],
-                                  ref_logp_nC, algo.beta, algo.epsilon)
-        share = idx.numel() / N
-        (loss * share).backward()
-        tokens = batch[3].sum().clamp(min=1)
-        metrics["entropy"] = ((entropy_nC * batch[3]).sum() / tokens).item()
-        metrics["loss"] = loss.item()
-        for key in totals:
-            totals[key] += share * metrics[key]
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), run.recipe.training.max_grad_norm)
-    totals["lr"] = scheduler.get_last_lr()[0]
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    totals["grad_norm"] = grad_norm.item()
-    return totals
-
-
-def reward_metrics(total_N: torch.Tensor, parts: dict[str, list]) -> dict[str, float]:
+def reward_metrics(rounds: list) -> dict[str, float]:
+    """Mean and std of the total and of each component over every completion sampled this step."""
+    total_N = torch.cat([r.rewards_N for r in rounds])
+    parts = {name: [v for r in rounds for v in r.parts[name]] for name in rounds[0].parts}
     metrics = {"reward": total_N.mean().item(), "reward_std": total_N.std().item() if total_N.numel() > 1 else 0.0}
     for name, values in parts.items():
         applicable = torch.tensor([v for v in values if v is not None])
@@ -173,13 +119,13 @@ def run_eval(run: Run, step: int, run_dir: Path, sink: JsonlSink) -> dict[str, A
     return result
 
 
-def write_samples(run: Run, step: int, rows: list[dict], texts: list[str], total_N, parts, sink: JsonlSink) -> None:
-    """A few completions, spread over the step's groups, with their rewards."""
-    G, k = run.recipe.rollout.num_generations, run.recipe.logging.num_samples
-    for i in list(range(0, len(texts), max(1, len(texts) // k)))[:k]:
-        row = rows[i // G]
-        sink.log({"step": step, "prompt": row["prompt"], "completion": texts[i], "answer": row.get("answer"),
-                  "reward": total_N[i].item(), "rewards": {name: values[i] for name, values in parts.items()}})
+def write_samples(run: Run, step: int, batch: Batch, sink: JsonlSink) -> None:
+    """A few completions of the step's first round, spread over its groups, with their rewards."""
+    rnd, G, k = batch.fresh[0], run.recipe.rollout.num_generations, run.recipe.logging.num_samples
+    for i in list(range(0, len(rnd.texts), max(1, len(rnd.texts) // k)))[:k]:
+        row = rnd.rows[i // G]
+        sink.log({"step": step, "prompt": row["prompt"], "completion": rnd.texts[i], "answer": row.get("answer"),
+                  "reward": rnd.rewards_N[i].item(), "rewards": {name: values[i] for name, values in rnd.parts.items()}})
 
 
 def train(recipe: Recipe, overwrite: bool = False, progress: ProgressFn | None = None) -> Path:
@@ -195,25 +141,23 @@ def train(recipe: Recipe, overwrite: bool = False, progress: ProgressFn | None =
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
     run_info = {"status": "running", "started": started, "steps": 0, "model": recipe.model.path, "grpokit_version": __version__}
     write_json(run_dir / "run.json", run_info)
-    training, G = recipe.training, recipe.rollout.num_generations
-    optimizer, scheduler = build_optimizer(run.policy.trainable_parameters(), training)
+    training = recipe.training
+    optimizer, scheduler = build_optimizer(run.policy.trainable_parameters(), training, recipe.algorithm.num_iterations)
     metrics_sink, samples_sink = JsonlSink(run_dir / "metrics.jsonl"), JsonlSink(run_dir / "samples.jsonl")
     run_eval(run, 0, run_dir, metrics_sink)
     for step in range(1, training.max_steps + 1):
         t0 = time.perf_counter()
-        rows = next_prompts(run, training.prompts_per_step)
-        rollouts, texts = sample(run, rows)
+        batch = collect_batch(run, step, next_prompts)
         t_generate = time.perf_counter() - t0
-        total_N, parts = score(run, rows, texts)
-        advantages_N, adv_metrics = group_advantages(total_N, G, recipe.algorithm.scale_rewards)
-        metrics = policy_update(run, optimizer, scheduler, rollouts, advantages_N)
+        metrics = policy_update(run, optimizer, scheduler, batch.rollouts, batch.advantages_N)
         step_time = time.perf_counter() - t0
-        metrics_sink.log({"step": step, "kind": "train", **reward_metrics(total_N, parts), **adv_metrics, **metrics,
-                          **rollout_metrics(rollouts, recipe.algorithm.beta, step_time), "generate_time_s": t_generate})
+        rewards = reward_metrics(batch.fresh)
+        metrics_sink.log({"step": step, "kind": "train", **rewards, **batch.metrics, **metrics,
+                          **rollout_metrics(batch.rollouts, recipe, step_time), "generate_time_s": t_generate})
         if progress:
-            progress(step, {"reward": total_N.mean().item(), "kl": metrics["kl"], "step_time_s": step_time})
+            progress(step, {"reward": rewards["reward"], "kl": metrics["kl"], "step_time_s": step_time})
         if recipe.logging.samples_every and step % recipe.logging.samples_every == 0:
-            write_samples(run, step, rows, texts, total_N, parts, samples_sink)
+            write_samples(run, step, batch, samples_sink)
         if training.eval_every and step % training.eval_every == 0 and step != training.max_steps:
             run_eval(run, step, run_dir, metrics_sink)
         if training.save_every and step % training.save_every == 0 and step != training.max_steps:
@@ -229,11 +173,13 @@ def train(recipe: Recipe, overwrite: bool = False, progress: ProgressFn | None =
     return run_dir
 
 
-def rollout_metrics(rollouts: Rollouts, beta: float, step_time: float) -> dict[str, float]:
-    """Lengths and throughput: tokens x model passes (generate, reference if beta > 0, update)."""
+def rollout_metrics(rollouts: Rollouts, recipe: Recipe, step_time: float) -> dict[str, float]:
+    """Lengths and throughput: tokens x model passes (generate, reference if beta > 0, old
+    log-probs if mu > 1, mu updates)."""
     lengths_N = rollouts.completion_lengths_N.float()
     tokens = rollouts.prompt_mask_NP.sum().item() + lengths_N.sum().item()
-    passes = 3 if beta > 0 else 2
+    mu = recipe.algorithm.num_iterations
+    passes = 1 + (recipe.algorithm.beta > 0) + (mu > 1) + mu
     return {"completion_length": lengths_N.mean().item(), "truncated_frac": rollouts.truncated_N.float().mean().item(),
             "step_time_s": step_time, "tokens_per_s": tokens * passes / step_time}
 
@@ -242,9 +188,8 @@ def dry_run(recipe: Recipe, num_prompts: int = 2) -> dict[str, Any]:
     """Validate everything a run needs and sample once, without writing a run directory."""
     t0 = time.perf_counter()
     run = setup(recipe)
-    rows = run.train_rows[:num_prompts]
-    rollouts, texts = sample(run, rows)
-    total_N, parts = score(run, rows, texts)
+    rnd = sample_round(run, run.train_rows[:num_prompts])
+    rows, rollouts, texts, total_N = rnd.rows, rnd.rollouts, rnd.texts, rnd.rewards_N
     params = sum(p.numel() for p in run.policy.model.parameters())
     trainable = sum(p.numel() for p in run.policy.trainable_parameters())
     return {

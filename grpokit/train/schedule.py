@@ -20,9 +20,11 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     return FINAL_LR_FRACTION + (1 - FINAL_LR_FRACTION) * decay
 
 
-def build_optimizer(params, training) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(params, training, updates_per_step: int = 1) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its schedule; with num_iterations > 1 each training step makes several updates."""
     optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)
+    warmup, total = training.warmup_steps * updates_per_step, training.max_steps * updates_per_step
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, training.warmup_steps, training.max_steps, training.lr_schedule)
+        optimizer, lambda update: lr_factor(update, warmup, total, training.lr_schedule)
     )
     return optimizer, scheduler

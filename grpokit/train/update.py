@@ -1,0 +1,97 @@
+"""The policy update: micro-batches, the reference and old log-prob passes, mu optimiser passes.
+
+Passes per generation batch: one reference forward when beta > 0; one "old policy"
+forward when num_iterations > 1 (with mu == 1 the old log-probs are the detached
+current ones, so that pass is skipped and the ratio is exactly 1); then mu passes of
+forward + backward, each ending in one optimiser step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from grpokit.algo import BatchNorms, high_entropy_mask, policy_loss
+from grpokit.rollout import Rollouts, completion_logprobs
+
+METRIC_KEYS = ("loss", "kl", "clip_frac", "clip_frac_low", "clip_frac_high", "entropy")
+
+
+@dataclass
+class MicroBatch:
+    rows_n: torch.Tensor  # [n] indices into the generation batch
+    inputs: tuple  # prompt ids/mask, completion ids/mask, trimmed to the longest completion
+    mask_nC: torch.Tensor  # [n, C] tokens that count (truncated completions zeroed if asked)
+    ref_logp_nC: torch.Tensor | None = None
+    old_logp_nC: torch.Tensor | None = None
+
+
+def split_micro_batches(rollouts: Rollouts, grad_accum: int, mask_truncated: bool) -> list[MicroBatch]:
+    mask_NC = rollouts.completion_mask_NC
+    if mask_truncated:
+        mask_NC = mask_NC * (~rollouts.truncated_N).long()[:, None]
+    batches = []
+    for rows_n in torch.arange(mask_NC.size(0)).chunk(grad_accum):
+        # drop columns that are padding in every row of this micro-batch
+        width = max(int(rollouts.completion_mask_NC[rows_n].sum(dim=1).max()), 1)
+        inputs = (rollouts.prompt_ids_NP[rows_n], rollouts.prompt_mask_NP[rows_n],
+                  rollouts.completion_ids_NC[rows_n, :width], rollouts.completion_mask_NC[rows_n, :width])
+        batches.append(MicroBatch(rows_n, inputs, mask_NC[rows_n, :width]))
+    return batches
+
+
+@torch.no_grad()
+def fill_fixed_logprobs(policy, micro_batches: list[MicroBatch], need_ref: bool, need_old: bool) -> None:
+    """Log-probs that stay fixed through the mu passes: reference, and the sampling-time policy."""
+    for mb in micro_batches:
+        if need_ref:
+            with policy.reference_model() as reference, policy.autocast():
+                mb.ref_logp_nC, _ = completion_logprobs(reference, *mb.inputs)
+        if need_old:
+            with policy.autocast():
+                mb.old_logp_nC, _ = completion_logprobs(policy.model, *mb.inputs)
+
+
+def policy_update(run, optimizer, scheduler, rollouts: Rollouts, advantages_N: torch.Tensor) -> dict[str, float]:
+    """mu optimiser steps over the generation batch; metrics averaged over them.
+
+    Each micro-batch's loss is its share of the full-batch loss (``BatchNorms``), so the
+    summed gradient equals the full-batch gradient whatever ``grad_accum`` is.
+    """
+    policy, algo, training = run.policy, run.recipe.algorithm, run.recipe.training
+    micro_batches = split_micro_batches(rollouts, training.grad_accum, algo.mask_truncated_completions)
+    norms = BatchNorms(sequences=advantages_N.size(0), tokens=float(sum(mb.mask_nC.sum() for mb in micro_batches)),
+                       max_completion_length=run.recipe.rollout.max_completion_length)
+    fill_fixed_logprobs(policy, micro_batches, need_ref=algo.beta > 0, need_old=algo.num_iterations > 1)
+    epsilon_low, epsilon_high = algo.clip_range
+    policy.model.train()
+    totals = dict.fromkeys(METRIC_KEYS + ("grad_norm", "lr"), 0.0)
+    for _ in range(algo.num_iterations):
+        for mb in micro_batches:
+            share = mb.rows_n.numel() / norms.sequences
+            with policy.autocast():
+                logp_nC, entropy_nC = completion_logprobs(policy.model, *mb.inputs, with_entropy=True)
+            policy_mask = None
+            if algo.top_entropy_quantile < 1.0:
+                policy_mask = high_entropy_mask(entropy_nC, mb.mask_nC, algo.top_entropy_quantile)
+            old_logp_nC = mb.old_logp_nC if mb.old_logp_nC is not None else logp_nC.detach()
+            loss, metrics = policy_loss(
+                logp_nC, old_logp_nC, advantages_N[mb.rows_n].to(logp_nC.device), mb.mask_nC, norms,
+                ref_logprobs_nT=mb.ref_logp_nC, beta=algo.beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+                loss_type=algo.loss_type, importance_level=algo.importance_level, kl_estimator=algo.kl_estimator,
+                policy_mask_nT=policy_mask,
+            )
+            loss.backward()
+            tokens = mb.mask_nC.sum().clamp(min=1)
+            metrics["entropy"] = ((entropy_nC * mb.mask_nC).sum() / tokens).item()
+            metrics["loss"] = loss.item() / share  # the micro-batch's own loss, for averaging below
+            for key in METRIC_KEYS:
+                totals[key] += share * metrics[key] / algo.num_iterations
+        totals["lr"] += scheduler.get_last_lr()[0] / algo.num_iterations
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), training.max_grad_norm)
+        totals["grad_norm"] += grad_norm.item() / algo.num_iterations
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return totals
