@@ -56,23 +56,16 @@ class _Accelerator:
 
 def make_trl_trainer(*, loss_type, beta, epsilon_low, epsilon_high, importance_level, top_entropy_quantile=1.0):
     trainer = object.__new__(GRPOTrainer)
-    trainer.loss_type = loss_type
-    trainer.beta = beta
-    trainer.epsilon_low = epsilon_low
-    trainer.epsilon_high = epsilon_high
-    trainer.importance_sampling_level = importance_level
-    trainer.top_entropy_quantile = top_entropy_quantile
-    trainer.off_policy_mask_threshold = None
-    trainer.use_vllm = False
-    trainer.vllm_importance_sampling_correction = False
-    trainer.aux_loss_enabled = False
-    trainer._entropy_bonus_enabled = False
-    trainer.max_completion_length = T
-    trainer.current_gradient_accumulation_steps = 1
-    trainer._metrics = defaultdict(lambda: defaultdict(list))
-    trainer.args = SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1)
-    trainer.model = SimpleNamespace(training=True)
-    trainer.accelerator = _Accelerator()
+    # exactly the attributes _compute_loss reads, as GRPOTrainer.__init__ would set them
+    vars(trainer).update(
+        loss_type=loss_type, beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high,
+        importance_sampling_level=importance_level, top_entropy_quantile=top_entropy_quantile,
+        off_policy_mask_threshold=None, use_vllm=False, vllm_importance_sampling_correction=False,
+        aux_loss_enabled=False, _entropy_bonus_enabled=False, max_completion_length=T,
+        current_gradient_accumulation_steps=1, _metrics=defaultdict(lambda: defaultdict(list)),
+        args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+        model=SimpleNamespace(training=True), accelerator=_Accelerator(),
+    )
     return trainer
 
 
