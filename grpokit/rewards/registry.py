@@ -1,23 +1,61 @@
-"""Rewards by name: built-ins register here; a recipe may also name ``package.module:function``."""
+"""Rewards by name: built-ins register here; a recipe may also name ``package.module:function``.
+
+Three kinds of reward function, all usable from a recipe:
+
+- ``completion`` (TRL's signature): ``fn(prompts, completions, **columns) -> list[float | None]``,
+  one value per completion; ``columns`` are the dataset's other fields, plus TRL's extra
+  keyword arguments ``completion_ids`` and ``trainer_state`` for functions that accept them.
+- ``group``: sees one prompt's whole group of G completions at once (e.g. a diversity
+  bonus): ``fn(prompt, completions, **row) -> list[float | None]`` of length G, where
+  ``row`` holds that prompt's columns as single values.
+- ``verl``: verl's ``compute_score(data_source, solution_str, ground_truth, extra_info)
+  -> float | dict``, called once per completion (a dict's ``"score"`` is the reward).
+
+Built-ins declare their kind with ``register(name, kind=...)``; a user function declares
+it with the ``group_reward`` / ``verl_reward`` decorators or the recipe's ``kind`` key.
+"""
 
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from typing import Callable, Literal
 
 from grpokit.errors import RewardError
 
 RewardFn = Callable[..., list]
+Kind = Literal["completion", "group", "verl"]
+KINDS = ("completion", "group", "verl")
 REWARDS: dict[str, RewardFn] = {}
 
 
-def register(name: str) -> Callable[[RewardFn], RewardFn]:
+def _mark(fn: RewardFn, kind: Kind) -> RewardFn:
+    if kind not in KINDS:
+        raise RewardError(f"reward kind must be one of {KINDS}, not {kind!r}")
+    fn.grpokit_kind = kind  # type: ignore[attr-defined]
+    return fn
+
+
+def group_reward(fn: RewardFn) -> RewardFn:
+    """Mark a user function as a group-level reward."""
+    return _mark(fn, "group")
+
+
+def verl_reward(fn: RewardFn) -> RewardFn:
+    """Mark a user function as a verl ``compute_score`` function."""
+    return _mark(fn, "verl")
+
+
+def kind_of(fn: RewardFn) -> Kind:
+    return getattr(fn, "grpokit_kind", "completion")
+
+
+def register(name: str, kind: Kind = "completion") -> Callable[[RewardFn], RewardFn]:
     """Register a reward under ``name``; a second function with the same name is an error."""
 
     def add(fn: RewardFn) -> RewardFn:
         if name in REWARDS:
             raise RewardError(f"reward {name!r} is registered twice ({REWARDS[name].__module__} and {fn.__module__})")
-        REWARDS[name] = fn
+        REWARDS[name] = _mark(fn, kind)
         return fn
 
     return add
