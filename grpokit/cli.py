@@ -87,6 +87,42 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_rewards_check(args) -> int:
+    """Score given completions with a recipe's rewards: debug rewards before a long run."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from grpokit.config import load_recipe
+    from grpokit.data import read_jsonl
+    from grpokit.eval.runner import columns_of
+    from grpokit.rewards import RewardSet, build_orchestrator
+
+    recipe = load_recipe(args.recipe, args.set)
+    rows = read_jsonl(args.completions)
+    for row in rows:
+        if "completion" not in row or "prompt" not in row:
+            raise GrpokitError(f"{args.completions}:{row['_line']}: each line needs 'prompt' and 'completion'")
+    rewards = RewardSet(recipe.rewards)
+    prompts, completions = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    columns = columns_of([{k: v for k, v in r.items() if k not in ("completion", "_line")} for r in rows])
+    scores = rewards.score(prompts, completions, columns)
+    total_N, _ = build_orchestrator(rewards, recipe.reward_shaping).combine(scores.parts, step=args.step, update=False)
+    table = Table(title=f"{len(rows)} completions scored with {args.recipe}")
+    for column in ("line", "completion", *rewards.names, "total"):
+        table.add_column(column)
+    for i, row in enumerate(rows):
+        values = [("-" if scores.parts[n][i] is None else f"{scores.parts[n][i]:.3f}") for n in rewards.names]
+        table.add_row(str(row["_line"]), str(row["completion"])[:60], *values, f"{total_N[i].item():.3f}")
+    console = Console()
+    console.print(table)
+    for name in rewards.names:
+        present = [v for v in scores.parts[name] if v is not None]
+        mean = f"{sum(present) / len(present):.3f}" if present else "n/a"
+        console.print(f"{name}: mean {mean} over {len(present)}/{len(rows)} rows, {1000 * scores.latency_s[name]:.1f} ms"
+                      + (f"  [red]failed: {scores.errors[name]}[/red]" if name in scores.errors else ""))
+    return 1 if scores.errors else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grpokit", description="GRPO fine-tuning from a YAML recipe.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for grpokit's own errors")
@@ -101,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write report.md and plots for a run directory")
     report.add_argument("run_dir", help="a run directory written by `grpokit train`")
     report.set_defaults(func=cmd_report)
+    rewards = sub.add_parser("rewards", help="work with a recipe's reward functions")
+    rewards_sub = rewards.add_subparsers(dest="rewards_command", required=True)
+    check = rewards_sub.add_parser("check", help="score given completions and print a per-component table")
+    check.add_argument("recipe", help="path to a YAML recipe")
+    check.add_argument("--completions", required=True, help="JSONL with prompt, completion and the dataset's columns")
+    check.add_argument("--step", type=int, default=0, help="training step (selects the curriculum stage)")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    check.set_defaults(func=cmd_rewards_check)
     return parser
 
 

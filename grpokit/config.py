@@ -152,6 +152,29 @@ class RewardSpec(Section):
     """Weight of this component in the total reward."""
     args: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments bound to the function (e.g. a regex pattern)."""
+    kind: Literal["completion", "group", "verl"] | None = None
+    """completion: TRL's fn(prompts, completions, **columns); group: fn(prompt, group_completions, **row);
+    verl: compute_score(data_source, solution_str, ground_truth, extra_info). Default: as the function declares."""
+
+
+class CurriculumStage(Section):
+    step: int = Field(ge=0)
+    """From this training step on, these weights apply."""
+    weights: dict[str, float]
+    """Weight per reward name; rewards not named get weight 0 in this stage."""
+
+
+class RewardShapingConfig(Section):
+    normalize: bool = False
+    """Z-score each component with its running mean and std (Welford) before weighting."""
+    window: int | None = Field(None, ge=2)
+    """Compute the running statistics over only the last N values (default: all values seen)."""
+    clip: tuple[float, float] = (-10.0, 10.0)
+    """The total reward is clipped to this range."""
+    curriculum: list[CurriculumStage] = Field(default_factory=list)
+    """Weight changes at given steps, e.g. [{step: 1000, weights: {accuracy: 0.7, format: 0.3}}]."""
+    max_consecutive_failures: int = Field(3, ge=1)
+    """A reward failing on this many consecutive steps stops the run."""
 
 
 class TrainingConfig(Section):
@@ -212,6 +235,8 @@ class Recipe(Section):
     """The GRPO objective."""
     rewards: list[RewardSpec] = Field(min_length=1)
     """Reward components; the total reward is their weighted sum."""
+    reward_shaping: RewardShapingConfig = Field(default_factory=RewardShapingConfig)
+    """How components are combined: normalisation, clipping, a curriculum of weights."""
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     """The optimisation loop."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
@@ -224,6 +249,14 @@ class Recipe(Section):
         names = [spec.name for spec in self.rewards]
         if self.eval.accuracy_reward is not None and self.eval.accuracy_reward not in names:
             raise ValueError(f"eval.accuracy_reward {self.eval.accuracy_reward!r} is not one of the rewards {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _reward_names_unique(self) -> "Recipe":
+        names = [spec.name for spec in self.rewards]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"rewards {duplicated} appear twice; each component needs its own name")
         return self
 
     @property

@@ -149,3 +149,28 @@ def test_num_iterations_one_makes_no_old_logprob_pass(tiny_model_dir, tmp_path, 
     train(recipe_from_dict(tiny_recipe(tiny_model_dir, tmp_path / "run2", training={"max_steps": 1},
                                        algorithm={"num_iterations": 2, "beta": 0.1})))
     assert len(calls) == 1 + 1 + 2  # reference, old policy, two update passes
+
+
+def test_a_reward_failing_every_step_stops_the_run_by_name(tiny_model_dir, tmp_path):
+    from grpokit.errors import RewardError
+
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", training={"max_steps": 5},
+                         reward_shaping={"max_consecutive_failures": 2})
+    recipe["rewards"] = [{"name": "toy_digits"}, {"name": "tests.test_orchestrator:t_boom"}]
+    with pytest.raises(RewardError, match="'tests.test_orchestrator:t_boom' failed on 2 consecutive steps"):
+        train(recipe_from_dict(recipe))
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1]  # step 1 trained on the healthy reward
+
+
+def test_cli_rewards_check_prints_each_component(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("rewards:\n  - {name: answer_match, args: {extract: first_number}}\n"
+                      "  - {name: format_regex, weight: 0.5, args: {pattern: '\\d+'}}\n")
+    completions = tmp_path / "c.jsonl"
+    completions.write_text('{"prompt": "2+2?", "completion": "4", "answer": "4"}\n'
+                           '{"prompt": "2+3?", "completion": "It is 6", "answer": "5"}\n')
+    assert main(["rewards", "check", str(recipe), "--completions", str(completions)]) == 0
+    out = capsys.readouterr().out
+    assert "answer_match: mean 0.500 over 2/2 rows" in out and "format_regex: mean 0.500 over 2/2 rows" in out
+    assert "1.500" in out  # the first row's total: 1 + 0.5 * 1

@@ -6,7 +6,18 @@ open-r1 plug in unchanged.
 """
 
 from grpokit.rewards import builtin as _builtin  # noqa: F401  (registers the built-ins)
-from grpokit.rewards.registry import REWARDS, register, resolve_reward
-from grpokit.rewards.rewardset import RewardSet, completion_text
+from grpokit.rewards.orchestrator import RewardOrchestrator, Stage
+from grpokit.rewards.registry import REWARDS, group_reward, register, resolve_reward, verl_reward
+from grpokit.rewards.rewardset import RewardSet, Scores, completion_text
 
-__all__ = ["REWARDS", "RewardSet", "completion_text", "register", "resolve_reward"]
+__all__ = ["REWARDS", "RewardOrchestrator", "RewardSet", "Scores", "Stage", "completion_text", "group_reward",
+           "register", "resolve_reward", "verl_reward"]
+
+
+def build_orchestrator(rewards: RewardSet, shaping) -> RewardOrchestrator:
+    """The recipe's ``reward_shaping`` section as an orchestrator over the recipe's components."""
+    return RewardOrchestrator(
+        rewards.weights, normalize=shaping.normalize, window=shaping.window, clip=tuple(shaping.clip),
+        curriculum=[Stage(s.step, dict(s.weights)) for s in shaping.curriculum],
+        max_consecutive_failures=shaping.max_consecutive_failures,
+    )

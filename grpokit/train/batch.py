@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -30,6 +31,8 @@ class Round:
     texts: list[str]
     rewards_N: torch.Tensor
     parts: dict[str, list]
+    latency_s: dict[str, float]
+    shaping_metrics: dict[str, float]
 
 
 @dataclass
@@ -42,29 +45,35 @@ class Batch:
     metrics: dict[str, float]
 
 
-def sample_round(run, rows: list[dict]) -> Round:
+def sample_round(run, rows: list[dict], step: int) -> Round:
     """Generate G completions per row and score them."""
     data, rollout = run.recipe.data, run.recipe.rollout
     ids, _ = encode_prompts(run.policy.tokenizer, [r["prompt"] for r in rows], data.chat_template,
                             data.system_prompt, rollout.max_prompt_length)
     rollouts = run.sampler.generate(ids, rollout.num_generations)
     texts = run.policy.tokenizer.batch_decode(rollouts.completion_ids_NC, skip_special_tokens=True)
-    rewards_N, parts = score(run, rows, texts, rollouts)
-    return Round(rows, rollouts, texts, rewards_N, parts)
+    return Round(rows, rollouts, texts, *score(run, rows, texts, rollouts, step))
 
 
-def score(run, rows: list[dict], texts: list[str], rollouts: Rollouts) -> tuple[torch.Tensor, dict[str, list]]:
-    """Rewards for the G completions of each row (the row's columns repeated G times)."""
+def score(run, rows: list[dict], texts: list[str], rollouts: Rollouts, step: int):
+    """Rewards for the G completions of each row (the row's columns repeated G times):
+    ``(total_N, raw parts, latency per component, orchestrator metrics)``."""
     G, algo = run.recipe.rollout.num_generations, run.recipe.algorithm
     group_rows = [row for row in rows for _ in range(G)]
     prompts = [row["prompt"] for row in group_rows]
-    rewards_N, parts = run.rewards(prompts, as_completions(prompts, texts), columns_of(group_rows))
+    ids_NC, mask_NC = rollouts.completion_ids_NC, rollouts.completion_mask_NC
+    extras = {"completion_ids": [ids[mask.bool()].tolist() for ids, mask in zip(ids_NC, mask_NC)],
+              "trainer_state": SimpleNamespace(global_step=step, max_steps=run.recipe.training.max_steps)}
+    scores = run.rewards.score(prompts, as_completions(prompts, texts), columns_of(group_rows), G, extras)
+    run.orchestrator.record_failures(scores.errors)
+    rewards_N, shaping = run.orchestrator.combine(scores.parts, step)
+    parts = dict(scores.parts)
     if algo.overlong_buffer:
         penalty_N = overlong_penalty(rollouts.completion_lengths_N, run.recipe.rollout.max_completion_length,
                                      algo.overlong_buffer, algo.overlong_penalty)
         rewards_N = rewards_N + penalty_N
         parts["overlong_penalty"] = penalty_N.tolist()
-    return rewards_N, parts
+    return rewards_N, parts, scores.latency_s, shaping
 
 
 def _take_groups(rnd: Round, groups: list[int], G: int) -> tuple[list[dict], Rollouts, list[str], torch.Tensor]:
@@ -80,7 +89,7 @@ def collect_batch(run, step: int, next_prompts) -> Batch:
     wanted = P - n_replay
     rounds, kept = [], []  # kept: (round index, group index)
     while True:
-        rnd = sample_round(run, next_prompts(run, wanted - len(kept)))
+        rnd = sample_round(run, next_prompts(run, wanted - len(kept)), step)
         rounds.append(rnd)
         spread_B = ~zero_spread_groups(rnd.rewards_N.view(-1, G)) if algo.dynamic_sampling else torch.ones(len(rnd.rows), dtype=torch.bool)
         kept += [(len(rounds) - 1, g) for g in range(len(rnd.rows)) if spread_B[g]]

@@ -29,7 +29,7 @@ from grpokit.data import load_splits
 from grpokit.eval import evaluate
 from grpokit.log import JsonlSink
 from grpokit.models import Policy, load_policy, save_checkpoint
-from grpokit.rewards import RewardSet
+from grpokit.rewards import RewardOrchestrator, RewardSet, build_orchestrator
 from grpokit.rollout import Rollouts, TorchSampler
 from grpokit.train.batch import Batch, collect_batch, sample_round
 from grpokit.train.rundir import check_run_dir, now_iso, prepare_run_dir, write_json
@@ -52,6 +52,7 @@ class Run:
     eval_rows: list[dict]
     rng: random.Random
     order: list[int]
+    orchestrator: RewardOrchestrator
     replay: ReplayBuffer | None = None
     cursor: int = 0
 
@@ -72,7 +73,8 @@ def setup(recipe: Recipe) -> Run:
     order = list(range(len(train_rows)))
     rng.shuffle(order)
     replay = ReplayBuffer(recipe.algorithm.replay.capacity) if recipe.algorithm.replay.capacity else None
-    return Run(recipe, policy, rewards, sampler, train_rows, eval_rows, rng, order, replay)
+    orchestrator = build_orchestrator(rewards, recipe.reward_shaping)
+    return Run(recipe, policy, rewards, sampler, train_rows, eval_rows, rng, order, orchestrator, replay)
 
 
 def next_prompts(run: Run, count: int) -> list[dict]:
@@ -88,16 +90,18 @@ def next_prompts(run: Run, count: int) -> list[dict]:
 
 
 def reward_metrics(rounds: list) -> dict[str, float]:
-    """Mean and std of the total and of each component over every completion sampled this step."""
+    """Mean and std of the total and of each raw component over every completion sampled this
+    step, the orchestrator's metrics of the first round, and each component's latency."""
     total_N = torch.cat([r.rewards_N for r in rounds])
     parts = {name: [v for r in rounds for v in r.parts[name]] for name in rounds[0].parts}
+    latency = {f"reward_time_s/{name}": sum(r.latency_s.get(name, 0.0) for r in rounds) for name in parts}
     metrics = {"reward": total_N.mean().item(), "reward_std": total_N.std().item() if total_N.numel() > 1 else 0.0}
     for name, values in parts.items():
         applicable = torch.tensor([v for v in values if v is not None])
         if applicable.numel():
             metrics[f"rewards/{name}"] = applicable.mean().item()
             metrics[f"rewards/{name}_std"] = applicable.std().item() if applicable.numel() > 1 else 0.0
-    return metrics
+    return {**metrics, **rounds[0].shaping_metrics, **latency}
 
 
 def run_eval(run: Run, step: int, run_dir: Path, sink: JsonlSink) -> dict[str, Any]:
@@ -161,16 +165,21 @@ def train(recipe: Recipe, overwrite: bool = False, progress: ProgressFn | None =
         if training.eval_every and step % training.eval_every == 0 and step != training.max_steps:
             run_eval(run, step, run_dir, metrics_sink)
         if training.save_every and step % training.save_every == 0 and step != training.max_steps:
-            save_checkpoint(run.policy, run_dir / "checkpoints" / f"step-{step}", {"step": step})
+            save_checkpoint(run.policy, run_dir / "checkpoints" / f"step-{step}", trainer_state(run, step))
     final = training.max_steps
     if final > 0:
         run_eval(run, final, run_dir, metrics_sink)
-    save_checkpoint(run.policy, run_dir / "checkpoints" / f"step-{final}", {"step": final})
+    save_checkpoint(run.policy, run_dir / "checkpoints" / f"step-{final}", trainer_state(run, final))
     metrics_sink.close()
     samples_sink.close()
     run_info.update(status="finished", finished=now_iso(), steps=final, wall_s=time.perf_counter() - t_start)
     write_json(run_dir / "run.json", run_info)
     return run_dir
+
+
+def trainer_state(run: Run, step: int) -> dict[str, Any]:
+    """What a checkpoint records besides weights (JSON): the step and the reward orchestrator."""
+    return {"step": step, "reward_orchestrator": run.orchestrator.state_dict()}
 
 
 def rollout_metrics(rollouts: Rollouts, recipe: Recipe, step_time: float) -> dict[str, float]:
@@ -188,7 +197,7 @@ def dry_run(recipe: Recipe, num_prompts: int = 2) -> dict[str, Any]:
     """Validate everything a run needs and sample once, without writing a run directory."""
     t0 = time.perf_counter()
     run = setup(recipe)
-    rnd = sample_round(run, run.train_rows[:num_prompts])
+    rnd = sample_round(run, run.train_rows[:num_prompts], step=0)
     rows, rollouts, texts, total_N = rnd.rows, rnd.rollouts, rnd.texts, rnd.rewards_N
     params = sum(p.numel() for p in run.policy.model.parameters())
     trainable = sum(p.numel() for p in run.policy.trainable_parameters())
