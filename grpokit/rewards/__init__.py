@@ -5,7 +5,11 @@ means "does not apply to this completion", not zero. Functions written for TRL o
 open-r1 plug in unchanged.
 """
 
-from grpokit.rewards import builtin as _builtin  # noqa: F401  (registers the built-ins)
+# importing a module registers its rewards; heavy dependencies load on first use
+from grpokit.rewards import builtin as _builtin  # noqa: F401
+from grpokit.rewards import dialogue as _dialogue  # noqa: F401
+from grpokit.rewards import embedding as _embedding  # noqa: F401
+from grpokit.rewards import text as _text  # noqa: F401
 from grpokit.rewards.orchestrator import RewardOrchestrator, Stage
 from grpokit.rewards.registry import REWARDS, group_reward, register, resolve_reward, verl_reward
 from grpokit.rewards.rewardset import RewardSet, Scores, completion_text

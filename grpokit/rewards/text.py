@@ -1,0 +1,301 @@
+"""Text rewards: maths accuracy, label match, output structure, length shaping, repetition.
+
+All take TRL's signature ``fn(prompts, completions, **columns) -> list[float | None]``
+(``None`` = no reference for that row) and read string or chat-message completions.
+
+- ``accuracy``: maths answers compared with math-verify, with a last-number fallback.
+- ``label``: classification verdict read from the start of the reply.
+- ``tags``: ``<think>…</think><answer>…</answer>``-style structure, 1/len(tags) per pair.
+- ``two_line_verdict``: a verdict line, then a ``Reason: …`` line, nothing else.
+- ``length``: trapezoid in words or characters, 1.0 inside [min_len, max_len].
+- ``cosine_length``: Yeo et al. 2025 (arXiv:2502.03373) cosine length scaling by
+  correctness, as open-r1's ``get_cosine_scaled_reward`` except that lengths past
+  ``max_len`` are clipped (open-r1's cosine turns back up there) and the paper's
+  separate exceed-length penalty is left out.
+- ``repetition``: open-r1's ``get_repetition_penalty_reward`` (n-gram repetition).
+- ``format``: another name for ``format_regex`` (the same function).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import unicodedata
+
+from math_verify import parse, verify
+
+from grpokit.errors import RewardError
+from grpokit.rewards.builtin import answers_equal, extract_answer, format_regex
+from grpokit.rewards.registry import register
+from grpokit.rewards.rewardset import completion_text
+
+register("format")(format_regex)
+
+WORDS = re.compile(r"\w+")
+MATH_TIMEOUT_S = 5
+DELIMITED = re.compile(r"(?<!\\)\$|\\boxed|\\\(|\\\[")  # maths markup; "\$18" is a price, not maths
+
+
+def _per_row(completions, answer, score) -> list[float | None]:
+    """``score(text, reference)`` per completion; None where there is no reference."""
+    if answer is None:
+        return [None] * len(completions)
+    return [None if ref is None else float(score(completion_text(c), ref)) for c, ref in zip(completions, answer)]
+
+
+# ---------------------------------------------------------------- accuracy
+
+
+def _math_timeout() -> int | None:
+    # math-verify times out with signal.alarm, which raises outside the main thread;
+    # in a reward thread pool we run without its timeout rather than crash
+    return MATH_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+
+
+def _reference(answer) -> str:
+    # GSM8K references end in "#### 72": the final answer follows the last "####"
+    return str(answer).split("####")[-1].strip()
+
+
+def _parse_reference(ref: str, timeout: int | None) -> list:
+    if DELIMITED.search(ref):
+        return parse(ref, parsing_timeout=timeout)
+    # bare references parse reliably only as inline maths: "\sqrt{2}" gives nothing
+    # and "(1, 2)" gives 2 unwrapped, the interval (1, 2) inside "$…$"
+    return parse(f"${ref}$", parsing_timeout=timeout) or parse(ref, parsing_timeout=timeout)
+
+
+def is_correct(text: str, answer) -> bool:
+    """math-verify equivalence of reply and reference, else the reply's last number equals it."""
+    ref, timeout = _reference(answer), _math_timeout()
+    gold, pred = _parse_reference(ref, timeout), parse(text, parsing_timeout=timeout)
+    if gold and pred and verify(gold, pred, timeout_seconds=timeout):
+        return True
+    # a boxed answer is the model's explicit choice: a later number ("\boxed{5}; check: 5+1=6")
+    # must not rescue it; otherwise the GSM8K convention (last number) decides
+    if "\\boxed" in text:
+        return False
+    return answers_equal(extract_answer(text, "last_number"), ref)
+
+
+@register("accuracy")
+def accuracy(prompts, completions, answer=None, **_) -> list[float | None]:
+    """1.0 for a mathematically correct answer, else 0.0; None without a reference.
+
+    The reference is the text after the last ``####`` (GSM8K), wrapped in ``$…$`` when it
+    holds no maths delimiters; the reply is parsed by math-verify (``\\boxed{}``, LaTeX,
+    plain numbers). Correct iff ``verify(gold, pred)``, or, when the reply has no
+    ``\\boxed{}``, its last number equals the reference by value (``"1,000"`` = ``"1000.0"``).
+    Safe from worker threads: off the main thread math-verify runs without its
+    signal-based timeout.
+    """
+    return _per_row(completions, answer, is_correct)
+
+
+# ---------------------------------------------------------------- label
+
+
+def _words(text: str) -> list[str]:
+    """Words after NFKC (full-width to ASCII) and case folding; punctuation and emoji drop out."""
+    return WORDS.findall(unicodedata.normalize("NFKC", text).casefold())
+
+
+def _first_line(text: str) -> str:
+    stripped = text.strip()
+    return stripped.splitlines()[0] if stripped else ""
+
+
+def label_matches(text: str, reference, labels=None) -> bool:
+    head, ref = _words(_first_line(text)), _words(str(reference))
+    if labels is None:
+        return bool(ref) and head[: len(ref)] == ref
+    found = [words for words in map(_words, labels) if words and head[: len(words)] == words]
+    # the longest allowed label wins: "Not sure" is "not sure", not "not"
+    return bool(found) and max(found, key=len) == ref
+
+
+@register("label")
+def label(prompts, completions, answer=None, labels=None, **_) -> list[float | None]:
+    """1.0 when the reply's label equals ``answer``, else 0.0; None without a reference.
+
+    Text is compared as words (``\\w+`` after NFKC and case folding), so case, spacing,
+    ASCII and full-width punctuation ("。", "：", "！") and emoji are ignored. Only the
+    first non-empty line is read. Without ``labels`` the reply's first n words must equal
+    the reference's n words (n = 1 for a one-word label). With ``labels`` (allowed labels),
+    the predicted label is the longest allowed label whose words begin the line (the
+    first such label in list order when none is a prefix of another); it must equal the
+    reference. No allowed label at the start gives 0.0.
+    """
+    return _per_row(completions, answer, lambda text, ref: label_matches(text, ref, labels))
+
+
+# ---------------------------------------------------------------- tags
+
+
+def _pair_span(text: str, tag: str) -> tuple[int, int] | None:
+    """(start of ``<tag>``, end of ``</tag>``) when each occurs exactly once, opening first."""
+    opening, closing = f"<{tag}>", f"</{tag}>"
+    if text.count(opening) != 1 or text.count(closing) != 1:
+        return None
+    start, end = text.index(opening), text.index(closing)
+    return (start, end + len(closing)) if start + len(opening) <= end else None
+
+
+def _longest_ordered_chain(spans: list) -> int:
+    """Most pairs that follow one another, without overlap, in the given tag order."""
+    best: list[int] = []  # best[i]: longest chain that ends with pair i
+    for i, span in enumerate(spans):
+        before = [best[j] for j in range(i) if span and spans[j] and spans[j][1] <= span[0]]
+        best.append(1 + max(before, default=0) if span else 0)
+    return max(best, default=0)
+
+
+@register("tags")
+def tags(prompts, completions, tags=("think", "answer"), require_order: bool = True, **_) -> list[float]:
+    """Share of ``tags`` present as one well-formed pair: ``k / len(tags)``.
+
+    A tag's pair is well formed when ``<tag>`` and ``</tag>`` each occur exactly once,
+    the opening first. Without ``require_order``, k counts well-formed pairs. With it,
+    k is the largest number of well-formed pairs that appear one after another (no
+    overlap, so no nesting) in the order ``tags`` lists them; e.g. for ("think",
+    "answer"), ``<answer>a</answer><think>t</think>`` scores 0.5 and
+    ``<think><answer>a</answer></think>`` scores 0.5.
+    """
+    names = (tags,) if isinstance(tags, str) else tuple(tags)
+    if not names:
+        raise RewardError("reward 'tags' needs at least one tag name")
+    values = []
+    for completion in completions:
+        spans = [_pair_span(completion_text(completion), tag) for tag in names]
+        count = _longest_ordered_chain(spans) if require_order else sum(s is not None for s in spans)
+        values.append(count / len(names))
+    return values
+
+
+# ---------------------------------------------------------------- two_line_verdict
+
+
+def _core(text: str) -> str:
+    """NFKC, case-folded, stripped of surrounding spaces and trailing punctuation ("!", "。")."""
+    text = unicodedata.normalize("NFKC", text).casefold().strip()
+    while text and unicodedata.category(text[-1]).startswith("P"):
+        text = text[:-1].rstrip()
+    return text
+
+
+def _is_reason(line: str, prefix: str) -> bool:
+    word = prefix.rstrip(":：").rstrip()
+    # a prefix ending in a colon accepts ":" or "：", with spaces either side of it
+    pattern = re.escape(word) + r"\s*[:：]\s*\S" if word != prefix else re.escape(prefix) + r"\s*\S"
+    return re.match(pattern, line, re.IGNORECASE) is not None
+
+
+@register("two_line_verdict")
+def two_line_verdict(prompts, completions, verdicts=None, reason_prefix: str = "Reason:", **_) -> list[float]:
+    """1.0 for exactly "verdict line, reason line", else 0.0.
+
+    Lines are right-stripped and trailing empty lines dropped; exactly two must remain.
+    Line 1 is a verdict: with ``verdicts``, one of them ignoring case, surrounding
+    spaces and trailing punctuation (ASCII or full-width); without, any non-empty line
+    that is not itself a reason line. Line 2 starts with ``reason_prefix`` (case
+    ignored); if the prefix ends in a colon, the colon may be ":" or "：" with optional
+    spaces around it; non-empty text must follow.
+    """
+    allowed = None if verdicts is None else {_core(v) for v in ([verdicts] if isinstance(verdicts, str) else verdicts)}
+    values = []
+    for completion in completions:
+        lines = [line.rstrip() for line in completion_text(completion).splitlines()]
+        while lines and not lines[-1]:
+            lines.pop()
+        ok = len(lines) == 2 and _is_reason(lines[1], reason_prefix)
+        if ok and allowed is not None:
+            ok = _core(lines[0]) in allowed
+        elif ok:
+            ok = bool(_core(lines[0])) and not _is_reason(lines[0], reason_prefix)
+        values.append(float(ok))
+    return values
+
+
+# ---------------------------------------------------------------- length
+
+
+def _size(text: str, unit: str) -> int:
+    if unit == "words":
+        return len(text.split())
+    if unit == "chars":
+        return len(text)  # Unicode code points: "👍" is 1
+    raise RewardError(f"length unit must be 'words' or 'chars', not {unit!r} (no tokenizer here)")
+
+
+def length_score(n: int, min_len: int, max_len: int) -> float:
+    """Trapezoid: n/min_len below min_len, 1.0 on [min_len, max_len], 2 - n/max_len after, floored at 0."""
+    if not 0 <= min_len <= max_len or max_len <= 0:
+        raise RewardError(f"length needs 0 <= min_len <= max_len and max_len > 0, got {min_len}, {max_len}")
+    if n < min_len:
+        return n / min_len
+    return 1.0 if n <= max_len else max(0.0, 2.0 - n / max_len)
+
+
+@register("length")
+def length(prompts, completions, min_len: int = 10, max_len: int = 500, unit: str = "words", **_) -> list[float]:
+    """Length in ``unit`` ("words": whitespace-split; "chars": code points) shaped as a trapezoid.
+
+    ``r(n) = n / min_len`` for n < min_len (0 at n = 0), ``1.0`` for min_len <= n <= max_len,
+    ``max(0, 2 - n / max_len)`` for n > max_len (0 from n = 2 * max_len on). The defaults
+    are placeholders; a recipe should set both bounds.
+    """
+    return [length_score(_size(completion_text(c), unit), min_len, max_len) for c in completions]
+
+
+# ---------------------------------------------------------------- cosine_length
+
+
+def cosine_value(n: int, correct: bool, max_len: int, min_value_wrong: float = -1.0, max_value_wrong: float = -0.5,
+                 min_value_correct: float = 0.5, max_value_correct: float = 1.0) -> float:
+    """``lo + 0.5 * (hi - lo) * (1 + cos(pi * min(n / max_len, 1)))``; hi at n = 0, lo at max_len."""
+    progress = min(n / max_len, 1.0)  # clipped: unclipped, a 2*max_len reply would score as a 0-length one
+    # correct: short is best (1.0 -> 0.5); wrong: long is least bad (-1.0 -> -0.5)
+    lo, hi = (min_value_correct, max_value_correct) if correct else (max_value_wrong, min_value_wrong)
+    return lo + 0.5 * (hi - lo) * (1.0 + math.cos(progress * math.pi))
+
+
+@register("cosine_length")
+def cosine_length(prompts, completions, answer=None, max_len: int = 1000, min_value_wrong: float = -1.0,
+                  max_value_wrong: float = -0.5, min_value_correct: float = 0.5, max_value_correct: float = 1.0,
+                  **_) -> list[float | None]:
+    """Cosine length scaling by correctness (Yeo et al. 2025, arXiv:2502.03373; open-r1).
+
+    With n = len(reply) in characters, p = min(n / max_len, 1) and correctness from
+    ``accuracy``: ``r = lo + 0.5 * (hi - lo) * (1 + cos(pi * p))`` where for a correct reply
+    (lo, hi) = (min_value_correct, max_value_correct) = (0.5, 1.0), falling from 1.0 at
+    n = 0 to 0.5 at max_len; for a wrong one (lo, hi) = (max_value_wrong, min_value_wrong)
+    = (-0.5, -1.0), rising from -1.0 at n = 0 to -0.5 at max_len. None without a reference.
+    """
+    values = (min_value_wrong, max_value_wrong, min_value_correct, max_value_correct)
+    return _per_row(completions, answer, lambda text, ref: cosine_value(len(text), is_correct(text, ref), max_len, *values))
+
+
+# ---------------------------------------------------------------- repetition
+
+
+def repetition_score(text: str, ngram_size: int, max_penalty: float) -> float:
+    words = text.lower().split()
+    if len(words) < ngram_size:
+        return 0.0
+    ngrams = list(zip(*(words[i:] for i in range(ngram_size))))
+    return (1.0 - len(set(ngrams)) / len(ngrams)) * max_penalty + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+@register("repetition")
+def repetition(prompts, completions, ngram_size: int = 3, max_penalty: float = -1.0, **_) -> list[float]:
+    """N-gram repetition penalty (open-r1's ``get_repetition_penalty_reward``).
+
+    Words are the lower-cased whitespace split; with fewer than ``ngram_size`` words
+    (empty reply included) the reward is 0.0, else
+    ``(1 - unique_ngrams / total_ngrams) * max_penalty`` (0 for no repeats, towards
+    ``max_penalty`` <= 0 as the reply repeats itself).
+    """
+    if max_penalty > 0:
+        raise RewardError(f"repetition max_penalty must be <= 0, got {max_penalty}")
+    return [repetition_score(completion_text(c), ngram_size, max_penalty) for c in completions]
