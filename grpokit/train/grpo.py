@@ -1,11 +1,12 @@
 """The GRPO loop (DeepSeekMath, arXiv:2402.03300), read top to bottom.
 
 Each step: take P prompts, sample G completions each, score them with the recipe's
-rewards, turn rewards into group-relative advantages, and take one AdamW step on the
-clipped-ratio loss plus beta * KL(policy || reference). Departures from the paper, as
-in TRL's default: one optimiser pass per generation batch (so the PPO ratio is exactly 1
-and old log-probs are the detached current ones, no extra forward pass), and the loss
-averages tokens within a sequence, then sequences.
+rewards, turn rewards into group-relative advantages (``train/batch.py``), and take
+AdamW steps on the clipped-ratio loss plus beta * KL(policy || reference)
+(``train/update.py``). By default, as TRL's: one optimiser pass per generation batch
+(so the PPO ratio is exactly 1 and old log-probs are the detached current ones, no
+extra forward pass), and the loss averages tokens within a sequence, then sequences.
+The DAPO, Dr. GRPO and GSPO variants are recipe switches (docs/algorithms.md).
 
 This module is the only place that knows the order of the stages.
 """
