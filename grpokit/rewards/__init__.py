@@ -7,6 +7,7 @@ open-r1 plug in unchanged.
 
 # importing a module registers its rewards; heavy dependencies load on first use
 from grpokit.rewards import builtin as _builtin  # noqa: F401
+from grpokit.rewards import code as _code  # noqa: F401
 from grpokit.rewards import dialogue as _dialogue  # noqa: F401
 from grpokit.rewards import embedding as _embedding  # noqa: F401
 from grpokit.rewards import text as _text  # noqa: F401

@@ -51,6 +51,9 @@ class RewardComponent:
         fn = resolve_reward(name)
         self.kind = kind or kind_of(fn)
         self.fn = functools.partial(fn, **args) if args else fn
+        prepare = getattr(fn, "grpokit_prepare", None)
+        if prepare is not None:  # e.g. the code sandbox probes and logs its protections at start
+            prepare()
         params = inspect.signature(fn).parameters.values()
         # TRL passes every column; a function without **kwargs gets only what it names
         self.accepts_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
