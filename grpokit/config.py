@@ -86,6 +86,10 @@ class RolloutConfig(Section):
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     top_k: int = Field(0, ge=0)
     """Keep only the k most likely tokens (0 = off)."""
+    merge_lora: bool = True
+    """With LoRA: sample from a copy of the model with the adapters merged into its weights
+    (refreshed after every optimiser step): one matmul per layer instead of three, at the
+    cost of one more copy of the weights in the compute dtype."""
 
 
 class ReplayConfig(Section):

@@ -67,6 +67,7 @@ class Policy:
     compute_dtype: torch.dtype
     reference: Any = None  # frozen copy (full fine-tuning with beta > 0); None otherwise
     is_lora: bool = False
+    merged: Any = None  # plain copy with the LoRA update merged in, for sampling (or None)
     cache_kw: str = "past_key_values"
     eos_ids: list[int] = field(default_factory=list)
 
@@ -86,6 +87,29 @@ class Policy:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    @property
+    def sampling_model(self):
+        """The model to decode with: the merged copy when there is one, else the policy itself."""
+        return self.merged if self.merged is not None else self.model
+
+    @torch.no_grad()
+    def sync_merged(self) -> None:
+        """Write W + (alpha/r) * B @ A into the merged copy after the adapters changed.
+
+        Decoding then runs one matmul per linear layer instead of three (base, A, B); the
+        base weights themselves are never modified, so no rounding drift accumulates.
+        """
+        if self.merged is None:
+            return
+        from peft.tuners.lora import LoraLayer
+
+        targets = dict(self.merged.named_modules())
+        for name, module in self.model.named_modules():
+            if isinstance(module, LoraLayer):
+                target = targets[name.removeprefix("base_model.model.")]
+                delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+                target.weight.copy_(module.base_layer.weight.float() + delta.float())
 
 
 @contextlib.contextmanager
@@ -108,18 +132,20 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def wrap_policy(model, tokenizer, model_cfg, beta: float, device: torch.device) -> Policy:
+def wrap_policy(model, tokenizer, model_cfg, beta: float, device: torch.device, merge_lora: bool = False) -> Policy:
     """Add LoRA (or keep full fine-tuning), pick the reference, and bundle it all as a Policy."""
     dtype = DTYPES[model_cfg.dtype]
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     eos = eos_token_ids(tokenizer, model)
-    reference = None
+    reference = merged = None
     if model_cfg.lora is not None:
         from peft import LoraConfig, get_peft_model
 
         lora = model_cfg.lora
         model = model.to(device=device, dtype=dtype)
+        if merge_lora:
+            merged = copy.deepcopy(model).eval().requires_grad_(False)
         config = LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=lora.target_modules, task_type="CAUSAL_LM",
@@ -130,10 +156,11 @@ def wrap_policy(model, tokenizer, model_cfg, beta: float, device: torch.device) 
         if beta > 0:
             reference = copy.deepcopy(model).to(dtype=dtype).eval().requires_grad_(False)
     model.config.use_cache = True
-    return Policy(model, tokenizer, device, dtype, reference, model_cfg.lora is not None, _cache_keyword(model), eos)
+    return Policy(model, tokenizer, device, dtype, reference, model_cfg.lora is not None, merged,
+                  _cache_keyword(model), eos)
 
 
-def load_policy(model_cfg, beta: float) -> Policy:
+def load_policy(model_cfg, beta: float, merge_lora: bool = False) -> Policy:
     """Load the recipe's model and tokenizer and wrap them for training."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,4 +174,4 @@ def load_policy(model_cfg, beta: float) -> Policy:
     except OSError as exc:
         raise ModelError(f"model.path {model_cfg.path!r}: cannot load ({exc})") from None
     tokenizer.padding_side = "left"
-    return wrap_policy(model, tokenizer, model_cfg, beta, device)
+    return wrap_policy(model, tokenizer, model_cfg, beta, device, merge_lora)

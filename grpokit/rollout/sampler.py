@@ -107,7 +107,7 @@ class TorchSampler:
 
     def _forward(self, **inputs):
         """Logits of the last position ``[N, V]`` and the updated KV cache."""
-        backbone, head = backbone_and_head(self.policy.model)
+        backbone, head = backbone_and_head(self.policy.sampling_model)
         out = backbone(**inputs, use_cache=True)
         cache = out["cache"] if "cache" in out else out["past_key_values"]
         return head(out.last_hidden_state[:, -1, :]), cache
@@ -120,8 +120,9 @@ class TorchSampler:
         ids_BP, mask_BP = left_pad(prompt_ids, pad_id)
         ids_BP, mask_BP = ids_BP.to(device), mask_BP.to(device)
         pos_BP = (mask_BP.cumsum(dim=1) - 1).clamp(min=0)
-        was_training = policy.model.training
-        policy.model.eval()  # no dropout while sampling
+        model = policy.sampling_model
+        was_training = model.training
+        model.eval()  # no dropout while sampling
         with policy.autocast():
             logits_BV, cache = self._forward(input_ids=ids_BP, attention_mask=mask_BP, position_ids=pos_BP)
             # the group shares its prompt: prefill once, then repeat the cache G times
@@ -148,7 +149,7 @@ class TorchSampler:
                 pos_N1 = pos_N1 + 1
                 logits_NV, cache = self._forward(input_ids=next_N[:, None], attention_mask=mask_NL,
                                                  position_ids=pos_N1, **{policy.cache_kw: cache})
-        policy.model.train(was_training)
+        model.train(was_training)
         completion_NC = torch.stack(tokens, dim=1)  # [N, C]
         # a token counts until (and including) the first EOS of its row
         is_eos_NC = torch.isin(completion_NC, eos_E)

@@ -66,7 +66,7 @@ def setup(recipe: Recipe) -> Run:
     torch.manual_seed(training.seed)
     train_rows, eval_rows = load_splits(recipe.data)
     rewards = RewardSet(recipe.rewards)  # before the model: a bad reward fails in a second
-    policy = load_policy(recipe.model, recipe.algorithm.beta)
+    policy = load_policy(recipe.model, recipe.algorithm.beta, recipe.rollout.merge_lora)
     rollout = recipe.rollout
     generator = torch.Generator(policy.device).manual_seed(training.seed)
     sampler = TorchSampler(policy, rollout.max_completion_length, rollout.temperature, rollout.top_p, rollout.top_k, generator)

@@ -94,4 +94,5 @@ def policy_update(run, optimizer, scheduler, rollouts: Rollouts, advantages_N: t
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+    policy.sync_merged()  # the next rollout samples from the updated weights
     return totals
