@@ -193,3 +193,32 @@ def test_fast_paths_do_not_change_learning(tiny_model_dir, tmp_path):
     for a, b in zip(merged, plain):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["kl"] == pytest.approx(b["kl"], abs=1e-5)
     assert merged[-1]["kl"] > 0  # the adapters did move, so the merge was exercised
+
+
+if "toy_parity" not in REWARDS:
+    @register("toy_parity", kind="group")
+    def toy_parity(prompt, completions, a=None, **_):
+        """Equal rewards (no signal) for prompts whose first operand is even; spread otherwise."""
+        return [1.0] * len(completions) if a % 2 == 0 else [float(i % 2) for i in range(len(completions))]
+
+
+def test_dynamic_sampling_refills_with_informative_groups(tiny_model_dir, tmp_path):
+    from grpokit.train.batch import collect_batch
+    from grpokit.train.grpo import next_prompts, setup
+
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", algorithm={"dynamic_sampling": True, "max_sampling_rounds": 10})
+    recipe["rewards"] = [{"name": "toy_parity"}]
+    run = setup(recipe_from_dict(recipe))
+    order = [run.train_rows[i] for i in run.order]
+    batch = collect_batch(run, 1, next_prompts)
+    # by hand: walk the shuffled rows, requesting P - kept each round, keeping odd first operands
+    kept, position, rounds = [], 0, 0
+    while len(kept) < 4:
+        ask = 4 - len(kept)
+        drawn, position, rounds = order[position:position + ask], position + ask, rounds + 1
+        kept += [r for r in drawn if r["a"] % 2 == 1]
+    assert [r["prompt"] for r in batch.rows] == [r["prompt"] for r in kept]
+    assert rounds > 1, "the seed must exercise at least one refill round"
+    assert batch.metrics["dynamic_sampling/extra_rounds"] == rounds - 1
+    assert batch.metrics["dynamic_sampling/dropped_groups"] == position - 4
+    assert batch.metrics["frac_zero_std_groups"] == 0.0 and batch.advantages_N.abs().sum() > 0
