@@ -86,6 +86,9 @@ class RolloutConfig(Section):
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     top_k: int = Field(0, ge=0)
     """Keep only the k most likely tokens (0 = off)."""
+    share_prompt_prefix: bool = True
+    """In the reference and update passes, run each prompt once per group and reuse its KV
+    cache for the group's G completions (same result, fewer tokens through the model)."""
     merge_lora: bool = True
     """With LoRA: sample from a copy of the model with the adapters merged into its weights
     (refreshed after every optimiser step): one matmul per layer instead of three, at the

@@ -80,3 +80,25 @@ def test_inverse_cdf_sampling_matches_the_distribution_and_never_draws_masked_to
     freq = torch.bincount(draws, minlength=4).float() / draws.numel()
     assert freq[1] == 0.0
     assert torch.allclose(freq, probs, atol=0.015)
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_shared_prompt_prefix_gives_the_same_logprobs_and_gradients(char_tokenizer, attention):
+    """Prompt once per group + repeated KV cache == the plain forward over prompt + completion."""
+    policy = tiny_policy(char_tokenizer)
+    policy.model.set_attn_implementation(attention)
+    ids, _ = encode_prompts(char_tokenizer, ["abc", "a much longer prompt"], True, None, 64)
+    out = TorchSampler(policy, max_new_tokens=6, generator=torch.Generator().manual_seed(0)).generate(ids, 3)
+    inputs = (out.prompt_ids_NP, out.prompt_mask_NP, out.completion_ids_NC, out.completion_mask_NC)
+    results = []
+    for group_size in (1, 3):
+        policy.model.zero_grad()
+        logp, entropy = completion_logprobs(policy.model, *inputs, with_entropy=True, group_size=group_size)
+        (logp * out.completion_mask_NC).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in policy.model.parameters() if p.grad is not None])
+        results.append((logp.detach(), entropy, grads))
+    (plain_logp, plain_entropy, plain_grad), (shared_logp, shared_entropy, shared_grad) = results
+    mask = out.completion_mask_NC.bool()
+    assert torch.allclose(plain_logp[mask], shared_logp[mask], atol=1e-5)
+    assert torch.allclose(plain_entropy[mask], shared_entropy[mask], atol=1e-4)
+    assert torch.allclose(plain_grad, shared_grad, atol=1e-4, rtol=1e-3)

@@ -178,12 +178,12 @@ def test_cli_rewards_check_prints_each_component(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_fast_paths_do_not_change_learning(tiny_model_dir, tmp_path):
-    """Sampling from merged LoRA weights (and any later fast path) must match the plain path:
-    same sampled completions and rewards, losses equal to float noise, over several steps."""
+    """The fast paths (sampling from merged LoRA weights, one prompt pass per group) must
+    match the plain path: same sampled completions and rewards, losses equal to float noise."""
     runs = []
-    for merge in (True, False):
-        recipe = tiny_recipe(tiny_model_dir, tmp_path / f"m{merge}", model={"lora": {"r": 4, "alpha": 8}},
-                             rollout={"merge_lora": merge}, algorithm={"beta": 0.05},
+    for fast in (True, False):
+        recipe = tiny_recipe(tiny_model_dir, tmp_path / f"m{fast}", model={"lora": {"r": 4, "alpha": 8}},
+                             rollout={"merge_lora": fast, "share_prompt_prefix": fast}, algorithm={"beta": 0.05},
                              training={"max_steps": 4, "learning_rate": 1e-2})
         run_dir = train(recipe_from_dict(recipe))
         runs.append([json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in l])

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +67,6 @@ class Policy:
     reference: Any = None  # frozen copy (full fine-tuning with beta > 0); None otherwise
     is_lora: bool = False
     merged: Any = None  # plain copy with the LoRA update merged in, for sampling (or None)
-    cache_kw: str = "past_key_values"
     eos_ids: list[int] = field(default_factory=list)
 
     def autocast(self):
@@ -118,12 +116,6 @@ def _adapters_off(model):
         yield model
 
 
-def _cache_keyword(model) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` in 5.x; speak whichever it takes."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
 def eos_token_ids(tokenizer, model) -> list[int]:
     """Stop tokens: the tokenizer's EOS plus the generation config's (chat models end turns there)."""
     ids = {tokenizer.eos_token_id}
@@ -156,8 +148,7 @@ def wrap_policy(model, tokenizer, model_cfg, beta: float, device: torch.device, 
         if beta > 0:
             reference = copy.deepcopy(model).to(dtype=dtype).eval().requires_grad_(False)
     model.config.use_cache = True
-    return Policy(model, tokenizer, device, dtype, reference, model_cfg.lora is not None, merged,
-                  _cache_keyword(model), eos)
+    return Policy(model, tokenizer, device, dtype, reference, model_cfg.lora is not None, merged, eos)
 
 
 def load_policy(model_cfg, beta: float, merge_lora: bool = False) -> Policy:

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from grpokit.rollout.logprobs import backbone_and_head
+from grpokit.rollout.logprobs import backbone_and_head, run_backbone
 
 
 @dataclass
@@ -108,9 +108,8 @@ class TorchSampler:
     def _forward(self, **inputs):
         """Logits of the last position ``[N, V]`` and the updated KV cache."""
         backbone, head = backbone_and_head(self.policy.sampling_model)
-        out = backbone(**inputs, use_cache=True)
-        cache = out["cache"] if "cache" in out else out["past_key_values"]
-        return head(out.last_hidden_state[:, -1, :]), cache
+        hidden_NLH, cache = run_backbone(backbone, **inputs)
+        return head(hidden_NLH[:, -1, :]), cache
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], num_generations: int, greedy: bool = False) -> Rollouts:
@@ -148,7 +147,7 @@ class TorchSampler:
                 mask_NL = torch.cat([mask_NL, torch.ones_like(mask_NL[:, :1])], dim=1)
                 pos_N1 = pos_N1 + 1
                 logits_NV, cache = self._forward(input_ids=next_N[:, None], attention_mask=mask_NL,
-                                                 position_ids=pos_N1, **{policy.cache_kw: cache})
+                                                 position_ids=pos_N1, cache=cache)
         model.train(was_training)
         completion_NC = torch.stack(tokens, dim=1)  # [N, C]
         # a token counts until (and including) the first EOS of its row

@@ -23,11 +23,12 @@ class MicroBatch:
     rows_n: torch.Tensor  # [n] indices into the generation batch
     inputs: tuple  # prompt ids/mask, completion ids/mask, trimmed to the longest completion
     mask_nC: torch.Tensor  # [n, C] tokens that count (truncated completions zeroed if asked)
+    group_size: int  # G when the micro-batch holds whole groups (prompt computed once per group), else 1
     ref_logp_nC: torch.Tensor | None = None
     old_logp_nC: torch.Tensor | None = None
 
 
-def split_micro_batches(rollouts: Rollouts, grad_accum: int, mask_truncated: bool) -> list[MicroBatch]:
+def split_micro_batches(rollouts: Rollouts, grad_accum: int, mask_truncated: bool, G: int) -> list[MicroBatch]:
     mask_NC = rollouts.completion_mask_NC
     if mask_truncated:
         mask_NC = mask_NC * (~rollouts.truncated_N).long()[:, None]
@@ -37,7 +38,8 @@ def split_micro_batches(rollouts: Rollouts, grad_accum: int, mask_truncated: boo
         width = max(int(rollouts.completion_mask_NC[rows_n].sum(dim=1).max()), 1)
         inputs = (rollouts.prompt_ids_NP[rows_n], rollouts.prompt_mask_NP[rows_n],
                   rollouts.completion_ids_NC[rows_n, :width], rollouts.completion_mask_NC[rows_n, :width])
-        batches.append(MicroBatch(rows_n, inputs, mask_NC[rows_n, :width]))
+        whole_groups = rows_n[0] % G == 0 and rows_n.numel() % G == 0
+        batches.append(MicroBatch(rows_n, inputs, mask_NC[rows_n, :width], G if whole_groups else 1))
     return batches
 
 
@@ -47,10 +49,10 @@ def fill_fixed_logprobs(policy, micro_batches: list[MicroBatch], need_ref: bool,
     for mb in micro_batches:
         if need_ref:
             with policy.reference_model() as reference, policy.autocast():
-                mb.ref_logp_nC, _ = completion_logprobs(reference, *mb.inputs)
+                mb.ref_logp_nC, _ = completion_logprobs(reference, *mb.inputs, group_size=mb.group_size)
         if need_old:
             with policy.autocast():
-                mb.old_logp_nC, _ = completion_logprobs(policy.model, *mb.inputs)
+                mb.old_logp_nC, _ = completion_logprobs(policy.model, *mb.inputs, group_size=mb.group_size)
 
 
 def policy_update(run, optimizer, scheduler, rollouts: Rollouts, advantages_N: torch.Tensor) -> dict[str, float]:
@@ -60,7 +62,8 @@ def policy_update(run, optimizer, scheduler, rollouts: Rollouts, advantages_N: t
     summed gradient equals the full-batch gradient whatever ``grad_accum`` is.
     """
     policy, algo, training = run.policy, run.recipe.algorithm, run.recipe.training
-    micro_batches = split_micro_batches(rollouts, training.grad_accum, algo.mask_truncated_completions)
+    group_size = run.recipe.rollout.num_generations if run.recipe.rollout.share_prompt_prefix else 1
+    micro_batches = split_micro_batches(rollouts, training.grad_accum, algo.mask_truncated_completions, group_size)
     norms = BatchNorms(sequences=advantages_N.size(0), tokens=float(sum(mb.mask_nC.sum() for mb in micro_batches)),
                        max_completion_length=run.recipe.rollout.max_completion_length)
     fill_fixed_logprobs(policy, micro_batches, need_ref=algo.beta > 0, need_old=algo.num_iterations > 1)
@@ -71,7 +74,8 @@ def policy_update(run, optimizer, scheduler, rollouts: Rollouts, advantages_N: t
         for mb in micro_batches:
             share = mb.rows_n.numel() / norms.sequences
             with policy.autocast():
-                logp_nC, entropy_nC = completion_logprobs(policy.model, *mb.inputs, with_entropy=True)
+                logp_nC, entropy_nC = completion_logprobs(policy.model, *mb.inputs, with_entropy=True,
+                                                          group_size=mb.group_size)
             policy_mask = None
             if algo.top_entropy_quantile < 1.0:
                 policy_mask = high_entropy_mask(entropy_nC, mb.mask_nC, algo.top_entropy_quantile)
