@@ -2,13 +2,11 @@
 
     .venv/bin/python bench/step_speed.py --json runs/step_speed/results.json
 
-Same model (default: the embedded SmolLM2-135M-Instruct), same prompts in the same order (built-in
-larger_number rows, chat template), P=4 prompts x G=8 completions per step, <= 32 new tokens
-(stop at EOS), T=1 / top_p=1 / no top-k, reward answer_match(extract=first_number), beta=0.04
-(a reference pass), LoRA r=16 alpha=32 all-linear (or --full), constant learning rate, one
-optimiser step per generation batch. Each run is a subprocess (bench/_grpokit_worker.py,
-bench/_trl_worker.py), run one after the other, so each peak RSS is its own. The first --warmup
-steps are discarded. TRL runs in bf16 and fp32; grpokit in bf16 (and fp32 with --grpokit-fp32).
+Same model (default: embedded SmolLM2-135M-Instruct), same prompts in the same order (built-in larger_number,
+chat template), P=4 x G=8 completions per step, <= 32 new tokens (EOS stops), T=1, top_p=1, no top-k, reward
+answer_match(extract=first_number), beta=0.04, LoRA r=16 alpha=32 all-linear (or --full), constant lr, one optimiser
+step per generation batch. Each run is its own subprocess (bench/_grpokit_worker.py, bench/_trl_worker.py), one after
+the other, so each peak RSS is its own. TRL runs in bf16 and fp32; grpokit in bf16 (+ fp32 with --grpokit-fp32).
 """
 
 from __future__ import annotations
@@ -21,24 +19,20 @@ import statistics
 import subprocess
 import sys
 import time
+import timeit
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 UPDATE_PASSES = 3  # forward + backward ~ 3 forwards
 
 
-def matmul_rate(dtype, threads: int, size: int = 2048, reps: int = 5) -> float:
-    """GFLOP/s of a size x size matmul in ``dtype`` with ``threads`` torch threads (best of reps)."""
+def matmul_rate(dtype, threads: int, size: int = 2048, reps: int = 10) -> float:
+    """GFLOP/s of a size x size matmul in ``dtype`` with ``threads`` torch threads (best of reps, after one warm-up)."""
     import torch
 
     torch.set_num_threads(threads)
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
+    best = min(timeit.repeat(lambda: a @ b, number=1, repeat=reps + 1)[1:])
     return 2 * size ** 3 / best / 1e9
 
 
@@ -53,17 +47,24 @@ def non_embedding_params(model_dir: str) -> tuple[int, int]:
     return total, total - model.get_input_embeddings().weight.numel()
 
 
+def cpu_stall_us() -> float | None:
+    """Microseconds some task waited for a CPU (Linux PSI): other load on the machine shows up here."""
+    try:
+        return float(Path("/proc/pressure/cpu").read_text().split("total=")[1].split()[0])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def run_worker(script: str, spec: dict, out: Path, timeout: float) -> dict:
     """Run one worker subprocess; its result JSON, or an error record if it died without one."""
     out.mkdir(parents=True, exist_ok=True)
     spec_path, result_path, log_path = (out / f"{spec['label']}.{x}" for x in ("spec.json", "result.json", "log"))
     spec = {**spec, "result_path": str(result_path), "run_dir": str(out / spec["label"])}
-    spec_path.write_text(json.dumps(spec))
-    result_path.unlink(missing_ok=True)
+    spec_path.write_text(json.dumps(spec)), result_path.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": str(spec["threads"])}
     print(f"[step_speed] {spec['label']}: running (log: {log_path})", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
+    t0, stall0 = time.perf_counter(), cpu_stall_us()
     try:
         with open(log_path, "w") as log:
             proc = subprocess.run([sys.executable, str(HERE / script), str(spec_path)], stdout=log, stderr=log,
@@ -76,6 +77,9 @@ def run_worker(script: str, spec: dict, out: Path, timeout: float) -> dict:
     else:
         tail = log_path.read_text(errors="replace").splitlines()[-15:]
         result = {"label": spec["label"], "error": f"worker exited with {rc} and no result", "traceback": "\n".join(tail)}
+    stall1 = cpu_stall_us()
+    if stall0 is not None and stall1 is not None:
+        result["cpu_pressure"] = (stall1 - stall0) / 1e6 / (time.perf_counter() - t0)
     print(f"[step_speed] {spec['label']}: done in {time.perf_counter() - t0:.0f} s"
           + (f" -- FAILED: {result['error']}" if "error" in result else ""), file=sys.stderr, flush=True)
     return result
@@ -84,22 +88,23 @@ def run_worker(script: str, spec: dict, out: Path, timeout: float) -> dict:
 def summarise(result: dict, args, n_params: int, rates: dict) -> dict:
     """Median s/step and throughputs over the steps after warm-up."""
     steps = result.get("steps") or []
-    kept = steps[args.warmup:]
+    kept = steps[args.warmup:]  # the first --warmup steps are discarded
     if "error" in result or not kept:
         return {"error": result.get("error", "no measured steps")}
-    time_sum = sum(s["step_time_s"] for s in kept)
-    comp = [s["completion_tokens"] for s in kept]
+    med = statistics.median  # rates are medians of per-step rates: one step slowed by other load moves them little
     tokens = [s["completion_tokens"] + s["prompt_tokens"] for s in kept if s.get("prompt_tokens") is not None]
     passes = 1 + (args.beta > 0) + UPDATE_PASSES
     flops_per_token = 2 * n_params * (1 + (args.beta > 0)) + 6 * n_params
-    s = {"median_s_per_step": statistics.median(s["step_time_s"] for s in kept), "steps_measured": len(kept),
+    s = {"median_s_per_step": med(s["step_time_s"] for s in kept), "steps_measured": len(kept),
+         "min_s_per_step": min(s["step_time_s"] for s in kept), "cpu_pressure": result.get("cpu_pressure"),
          "step_times_s": [round(x["step_time_s"], 2) for x in steps],
          "completions_per_step": sorted({x["completions"] for x in kept}),
          "mean_completion_length": statistics.mean(x["mean_completion_length"] for x in kept),
-         "completion_tokens_per_s": sum(comp) / time_sum, "peak_rss_mb": result.get("peak_rss_mb")}
+         "completion_tokens_per_s": med(x["completion_tokens"] / x["step_time_s"] for x in kept),
+         "peak_rss_mb": result.get("peak_rss_mb")}
     if len(tokens) == len(kept):
-        s["total_tokens_per_s"] = sum(tokens) * passes / time_sum
-        s["gflops"] = sum(tokens) * flops_per_token / time_sum / 1e9
+        s["total_tokens_per_s"] = med(t * passes / x["step_time_s"] for t, x in zip(tokens, kept))
+        s["gflops"] = med(t * flops_per_token / x["step_time_s"] for t, x in zip(tokens, kept)) / 1e9
         s["peak_fraction"] = s["gflops"] / rates[result["dtype"]]
     return s
 
@@ -113,15 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=None, help="transformers model dir (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--steps", type=int, default=6, help="measured steps (after warm-up)")
     p.add_argument("--warmup", type=int, default=1, help="steps run first and discarded")
-    p.add_argument("--prompts", type=int, default=4, help="P: prompts per step")
+    p.add_argument("--prompts", type=int, default=4, help="P: prompts per step")  # the task has 64 training rows
     p.add_argument("--generations", type=int, default=8, help="G: completions per prompt")
     p.add_argument("--max-completion-length", type=int, default=32)
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--lr", type=float, default=1e-5, help="constant learning rate, both frameworks")
     p.add_argument("--full", action="store_true", help="full fine-tuning on both (default: LoRA r=16)")
     p.add_argument("--grpokit-fp32", action="store_true", help="also run grpokit with model.dtype float32")
-    p.add_argument("--trl-dtypes", default="bf16,fp32", help="TRL runs, comma-separated: bf16, fp32")
-    p.add_argument("--skip-trl", action="store_true")
+    p.add_argument("--trl-dtypes", default="bf16,fp32", help='TRL runs, comma-separated: bf16, fp32 ("" skips TRL)')
     p.add_argument("--trl-gradient-checkpointing", action="store_true",
                    help="TRL's own default (GRPOConfig: True); off by default here, as grpokit does not checkpoint")
     p.add_argument("--attn", choices=["eager", "sdpa"], default=None,
@@ -142,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     train_rows, _ = make_task("larger_number", 64, 8, seed=0)
     order = list(range(len(train_rows)))
     random.Random(0).shuffle(order)  # grpokit's draw order for training.seed 0 (first epoch)
+    rows = [train_rows[i] for i in order]
     n_total, n_params = non_embedding_params(model_dir)
     rates = {"bfloat16": matmul_rate(torch.bfloat16, threads), "float32": matmul_rate(torch.float32, threads)}
     base = {"model": model_dir, "prompts": args.prompts, "generations": args.generations, "threads": threads,
@@ -152,12 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = [("_grpokit_worker.py", {**base, "label": "grpokit-bf16", "dtype": "bfloat16"})]
     if args.grpokit_fp32:
         runs.append(("_grpokit_worker.py", {**base, "label": "grpokit-fp32", "dtype": "float32"}))
-    if not args.skip_trl:
-        for d in [x.strip() for x in args.trl_dtypes.split(",") if x.strip()]:
-            runs.append(("_trl_worker.py", {**base, "label": f"trl-{d}", "bf16": d == "bf16",
-                                            "rows": [train_rows[i] for i in order],
-                                            "gradient_checkpointing": args.trl_gradient_checkpointing}))
+    for d in [x.strip() for x in args.trl_dtypes.split(",") if x.strip()]:
+        runs.append(("_trl_worker.py", {**base, "label": f"trl-{d}", "bf16": d == "bf16", "rows": rows,
+                                        "gradient_checkpointing": args.trl_gradient_checkpointing}))
     results = {spec["label"]: run_worker(script, spec, out, args.timeout) for script, spec in runs}
+    for dtype in rates:  # measured before and after the workers; the better is the less disturbed one
+        rates[dtype] = max(rates[dtype], matmul_rate(getattr(torch, dtype), threads))
     summary = {label: summarise(r, args, n_params, rates) for label, r in results.items()}
     report(args, results, summary, rates, n_total, n_params, model_dir, threads)
     if args.json:
@@ -176,11 +181,12 @@ def report(args, results, summary, rates, n_total, n_params, model_dir, threads)
           f"{'full fine-tuning' if args.full else 'LoRA r=16 alpha=32 all-linear'}; P={P} x G={G}, <= "
           f"{args.max_completion_length} new tokens (EOS stops), T=1, beta={args.beta}, lr={args.lr} constant; "
           f"{threads} torch threads; {args.steps} measured steps after {args.warmup} warm-up step(s).")
-    print(f"matmul 2048^2 with {threads} threads: bf16 {rates['bfloat16']:.0f} GFLOP/s, fp32 {rates['float32']:.0f} GFLOP/s.")
+    print(f"matmul 2048^2 with {threads} threads (best before/after the runs): bf16 {rates['bfloat16']:.0f} GFLOP/s, "
+          f"fp32 {rates['float32']:.0f} GFLOP/s.")
     print(f"Conventions: s/step = median wall time of one step (generation + reward + reference + update + optimiser). "
-          f"completion tok/s = completion tokens / step time (sums over measured steps). total tok/s = (prompt + "
-          f"completion tokens, unpadded) x {passes} passes (generation 1{' + reference 1' if args.beta > 0 else ''} + "
-          f"update 3) / step time. FLOP rate = ({'2+2' if args.beta > 0 else '2'}+6)*N*tokens / step time, vs the "
+          f"Rates are medians over measured steps of per-step rates. completion tok/s = completion tokens / step time. "
+          f"total tok/s = (prompt + completion tokens, unpadded) x {passes} passes (generation 1"
+          f"{' + reference 1' if args.beta > 0 else ''} + update 3) / step time. FLOP rate = ({'2+2' if args.beta > 0 else '2'}+6)*N*tokens / step time, vs the "
           f"matmul rate of the run's dtype (6N for the update counts weight gradients even under LoRA; lm_head excluded).")
     for label, r in results.items():
         if "error" in r:
@@ -208,7 +214,8 @@ def report(args, results, summary, rates, n_total, n_params, model_dir, threads)
     print("\nPer-step wall times (s, warm-up included):")
     for label, s in summary.items():
         if "error" not in s:
-            print(f"- {label}: {s['step_times_s']}")
+            print(f"- {label}: {s['step_times_s']} (min {s['min_s_per_step']:.2f}; CPU pressure from other "
+                  f"load during the run: {fmt(100 * s['cpu_pressure'] if s['cpu_pressure'] is not None else None, '.0f', ' %')})")
     checks(args, results, summary)
 
 
@@ -216,6 +223,8 @@ def checks(args, results, summary) -> None:
     """Warn about anything that makes the s/step figures incomparable."""
     notes, n = [], args.prompts * args.generations
     for label, s in summary.items():
+        if "error" not in s and (s["cpu_pressure"] or 0) > 0.05:
+            notes.append(f"{label}: other processes competed for the CPUs ({100 * s['cpu_pressure']:.0f} % stall): noisy.")
         if "error" not in s and s["completions_per_step"] != [n]:
             notes.append(f"{label} trained {s['completions_per_step']} completions per step, not {n}.")
     ok = {k: v for k, v in summary.items() if "error" not in v}
