@@ -10,11 +10,10 @@ the prompt tokens per step counted with the model's chat template.
 from __future__ import annotations
 
 import json
-import resource
 import sys
-import time
-import traceback
 from pathlib import Path
+
+from _worker_common import run_and_report  # bench/ is on sys.path: workers run as scripts
 
 
 def build_recipe(spec: dict):
@@ -57,8 +56,8 @@ def prompt_token_counter(model_dir: str):
 def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     result: dict = {"framework": "grpokit", "label": spec["label"], "dtype": spec["dtype"]}
-    t0 = time.perf_counter()
-    try:
+
+    def measure() -> None:
         import torch
 
         torch.set_num_threads(spec["threads"])
@@ -83,13 +82,8 @@ def main(spec_path: str) -> int:
                 "grpokit_tokens_per_s": row.get("tokens_per_s"),
             })
         result["steps"] = per_step
-    except BaseException as exc:  # noqa: BLE001 - report anything, the parent prints it
-        result["error"] = f"{type(exc).__name__}: {exc}"
-        result["traceback"] = traceback.format_exc()
-    result["wall_s"] = time.perf_counter() - t0
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(spec["result_path"]).write_text(json.dumps(result, indent=1))
-    return 1 if "error" in result else 0
+
+    return run_and_report(spec, result, measure)
 
 
 if __name__ == "__main__":

@@ -12,26 +12,17 @@ from __future__ import annotations
 
 import functools
 import json
-import resource
 import sys
 import time
-import traceback
 from pathlib import Path
+
+from _worker_common import run_and_report  # bench/ is on sys.path: workers run as scripts
 
 
 def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     result: dict = {"framework": "trl", "label": spec["label"], "dtype": "bfloat16" if spec["bf16"] else "float32"}
-    t0 = time.perf_counter()
-    try:
-        result["steps"] = run(spec, result)
-    except BaseException as exc:  # noqa: BLE001 - report anything, the parent prints it
-        result["error"] = f"{type(exc).__name__}: {exc}"
-        result["traceback"] = traceback.format_exc()
-    result["wall_s"] = time.perf_counter() - t0
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(spec["result_path"]).write_text(json.dumps(result, indent=1))
-    return 1 if "error" in result else 0
+    return run_and_report(spec, result, lambda: result.update(steps=run(spec, result)))
 
 
 def run(spec: dict, result: dict) -> list[dict]:
