@@ -13,6 +13,7 @@ transformer itself (1.7 s of a 3.8 s forward for 32 sequences).
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -46,10 +47,15 @@ def head_logits(head, hidden_NCH: torch.Tensor) -> torch.Tensor:
     return head(hidden_NCH.reshape(N * C, H)).view(N, C, -1)
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(backbone_type: type) -> str:
+    """transformers 5.x renamed ``past_key_values`` to ``cache``; looked up once per class (decode is hot)."""
+    return "cache" if "cache" in inspect.signature(backbone_type.forward).parameters else "past_key_values"
+
+
 def run_backbone(backbone, cache=None, **inputs):
-    """Hidden states ``[N, L, H]`` and the KV cache; speaks transformers 4.x (``past_key_values``)
-    and 5.x (``cache``)."""
-    keyword = "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+    """Hidden states ``[N, L, H]`` and the KV cache; speaks transformers 4.x and 5.x."""
+    keyword = _cache_keyword(type(backbone))
     if cache is not None:
         inputs[keyword] = cache
     out = backbone(**inputs, use_cache=True)
