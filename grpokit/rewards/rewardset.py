@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from grpokit.errors import RewardError
+from grpokit.rewards.orchestrator import RewardOrchestrator
 from grpokit.rewards.registry import kind_of, resolve_reward
 
 log = logging.getLogger(__name__)
@@ -131,13 +132,7 @@ class RewardSet:
         return scores
 
     def __call__(self, prompts: list, completions: list, columns: dict[str, list], group_size: int = 1):
-        """Raw weighted sum and parts, for evaluation and debugging (no normalisation, no state)."""
-        import torch
-
+        """Weighted sum of raw values and the parts, for evaluation (no normalisation, no state)."""
         scores = self.score(prompts, completions, columns, group_size)
-        total_N = torch.zeros(len(completions))
-        for component in self.components:
-            values = scores.parts[component.name]
-            # None = "does not apply" or failed: contributes nothing, as TRL's nansum does
-            total_N += component.weight * torch.tensor([0.0 if v is None else v for v in values])
+        total_N, _ = RewardOrchestrator(self.weights).combine(scores.parts, step=0, update=False)
         return total_N, scores.parts

@@ -39,7 +39,6 @@ class Round:
 class Batch:
     rows: list[dict]  # one per group
     rollouts: Rollouts  # N = groups * G
-    texts: list[str]
     advantages_N: torch.Tensor
     fresh: list[Round]  # every round sampled this step (for reward metrics and samples)
     metrics: dict[str, float]
@@ -76,10 +75,9 @@ def score(run, rows: list[dict], texts: list[str], rollouts: Rollouts, step: int
     return rewards_N, parts, scores.latency_s, shaping
 
 
-def _take_groups(rnd: Round, groups: list[int], G: int) -> tuple[list[dict], Rollouts, list[str], torch.Tensor]:
+def _take_groups(rnd: Round, groups: list[int], G: int) -> tuple[list[dict], Rollouts, torch.Tensor]:
     rows_M = torch.tensor([g * G + j for g in groups for j in range(G)], dtype=torch.long)
-    return ([rnd.rows[g] for g in groups], rnd.rollouts.select(rows_M), [rnd.texts[i] for i in rows_M.tolist()],
-            rnd.rewards_N[rows_M])
+    return [rnd.rows[g] for g in groups], rnd.rollouts.select(rows_M), rnd.rewards_N[rows_M]
 
 
 def collect_batch(run, step: int, next_prompts) -> Batch:
@@ -101,20 +99,19 @@ def collect_batch(run, step: int, next_prompts) -> Batch:
               if any(rr == r for rr, _ in kept)]
     rows = [row for piece in pieces for row in piece[0]]
     rollouts = concat_rollouts([piece[1] for piece in pieces], run.policy.tokenizer.pad_token_id)
-    texts = [t for piece in pieces for t in piece[2]]
-    advantages_N, metrics = group_advantages(torch.cat([piece[3] for piece in pieces]), G, algo.advantage)
+    rewards_N = torch.cat([piece[2] for piece in pieces])
+    advantages_N, metrics = group_advantages(rewards_N, G, algo.advantage)
     if algo.dynamic_sampling:
         metrics["dynamic_sampling/extra_rounds"] = len(rounds) - 1
         metrics["dynamic_sampling/dropped_groups"] = sum(len(r.rows) for r in rounds) - len(kept)
     if run.replay is not None:
-        rows, rollouts, texts, advantages_N = mix_replay(run, step, n_replay, rows, rollouts, texts, advantages_N,
-                                                         torch.cat([piece[3] for piece in pieces]))
+        rows, rollouts, advantages_N = mix_replay(run, step, n_replay, rows, rollouts, advantages_N, rewards_N)
         metrics.update(run.replay.stats())
         metrics["replay/reuse_rate"] = n_replay / P
-    return Batch(rows, rollouts, texts, advantages_N, rounds, metrics)
+    return Batch(rows, rollouts, advantages_N, rounds, metrics)
 
 
-def mix_replay(run, step, n_replay, rows, rollouts, texts, advantages_N, rewards_N):
+def mix_replay(run, step, n_replay, rows, rollouts, advantages_N, rewards_N):
     """Append ``n_replay`` buffered groups, then store this step's fresh groups in the buffer."""
     G = run.recipe.rollout.num_generations
     replayed = run.replay.sample(n_replay, run.rng) if n_replay else []
@@ -122,11 +119,10 @@ def mix_replay(run, step, n_replay, rows, rollouts, texts, advantages_N, rewards
                               rollouts.completion_mask_NC, rollouts.truncated_N, rewards_N, advantages_N, rows, G, step)
     run.replay.add(fresh)
     if not replayed:
-        return rows, rollouts, texts, advantages_N
+        return rows, rollouts, advantages_N
     old = [Rollouts(g.prompt_ids_GP, g.prompt_mask_GP, g.completion_ids_GC, g.completion_mask_GC, g.truncated_G)
            for g in replayed]
     pad_id = run.policy.tokenizer.pad_token_id
     rollouts = concat_rollouts([rollouts, *old], pad_id)
-    texts = texts + [t for g in replayed for t in run.policy.tokenizer.batch_decode(g.completion_ids_GC, skip_special_tokens=True)]
     advantages_N = torch.cat([advantages_N, *[g.advantages_G for g in replayed]])
-    return rows + [g.row for g in replayed], rollouts, texts, advantages_N
+    return rows + [g.row for g in replayed], rollouts, advantages_N
