@@ -220,6 +220,19 @@ class EvalConfig(Section):
     """Prompts generated at once during evaluation."""
     num_samples: int = Field(16, ge=0)
     """Completions kept verbatim in each eval file for the report."""
+    num_generations: int = Field(0, ge=0)
+    """Sampled completions per held-out prompt for pass@k and diversity (0: greedy accuracy only)."""
+    pass_k: list[int] = Field(default_factory=lambda: [1, 5, 10])
+    """The k of pass@k; values above num_generations are left out."""
+    temperature: float | None = Field(None, gt=0)
+    """Sampling temperature for pass@k (default: rollout.temperature)."""
+
+    @field_validator("pass_k")
+    @classmethod
+    def _positive_k(cls, value: list[int]) -> list[int]:
+        if not value or any(k < 1 for k in value):
+            raise ValueError("pass_k needs at least one k, each >= 1 (e.g. [1, 5, 10])")
+        return sorted(set(value))
 
 
 class LoggingConfig(Section):
@@ -229,6 +242,14 @@ class LoggingConfig(Section):
     """Completions written to samples.jsonl each time."""
     progress: bool = True
     """Show a live progress bar in the terminal."""
+    sinks: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    """Trackers fed beside metrics.jsonl (each an optional extra: pip install grpokit[tensorboard])."""
+    project: str = "grpokit"
+    """W&B project / MLflow experiment name."""
+    run_name: str | None = None
+    """Run name in the trackers (default: the run directory's name)."""
+    mlflow_tracking_uri: str | None = None
+    """MLflow tracking URI (default: a local file store in <run dir>/mlruns)."""
 
 
 class Recipe(Section):
