@@ -87,6 +87,58 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """Evaluate a run, checkpoint or model; print a table and write eval/<name>.json."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from grpokit.eval.standalone import cli_overrides, run_evaluation
+
+    overrides = args.set + cli_overrides(args.data, args.num_generations, args.k, args.temperature, args.seed)
+    path, result = run_evaluation(args.model, recipe_path=args.recipe, overrides=overrides, name=args.name,
+                                  limit=args.limit, out=args.out, overwrite=args.overwrite)
+    table = Table(title=f"{result['model']} on {result['data']} ({result['num_examples']} held-out rows)")
+    for column in ("metric", "value", "95% interval"):
+        table.add_column(column)
+    for label, value, interval in eval_rows(result):
+        table.add_row(label, value, interval)
+    Console().print(table)
+    print(f"wrote {path}")
+    return 0
+
+
+def eval_rows(result: dict) -> list[tuple[str, str, str]]:
+    """(metric, value, interval) lines of an eval result for the terminal."""
+    def pct(x):
+        return f"{100 * x:.1f}%"
+
+    def span(pair):
+        return f"[{pct(pair[0])}, {pct(pair[1])}]"
+
+    rows = [("accuracy (greedy)", pct(result["accuracy"]), span(result["accuracy_interval"])),
+            ("mean reward (greedy)", f"{result['reward']:.3f}", "")]
+    rows += [(f"  {name}", "n/a" if value is None else f"{value:.3f}", "") for name, value in result["rewards"].items()]
+    rows.append(("completion length (greedy)", f"{result['completion_length']:.1f} tokens", ""))
+    sampling = result.get("sampling")
+    if sampling:
+        k_samples = sampling["num_generations"]
+        rows += [(f"pass@{k} (of {k_samples} samples)", pct(v), span(sampling["pass_at_k_interval"][k]))
+                 for k, v in sampling["pass_at_k"].items()]
+        if sampling["self_bleu"] is not None:
+            rows.append(("self-BLEU (lower: more diverse)", f"{sampling['self_bleu']:.3f}", ""))
+        rows += [("distinct-1 / distinct-2", f"{sampling['distinct_1']:.3f} / {sampling['distinct_2']:.3f}", ""),
+                 ("mean reward (sampled)", f"{sampling['reward']:.3f}", ""),
+                 ("completion length (sampled)", f"{sampling['completion_length']:.1f} tokens", "")]
+    return rows
+
+
+def cmd_compare(args) -> int:
+    from grpokit.report import write_comparison
+
+    print(write_comparison(args.sources, args.out, args.names))
+    return 0
+
+
 def cmd_rewards_check(args) -> int:
     """Score given completions with a recipe's rewards: debug rewards before a long run."""
     from rich.console import Console
@@ -137,6 +189,28 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write report.md and plots for a run directory")
     report.add_argument("run_dir", help="a run directory written by `grpokit train`")
     report.set_defaults(func=cmd_report)
+    ev = sub.add_parser("eval", help="evaluate a run, checkpoint or model on held-out rows (accuracy, pass@k, diversity)")
+    ev.add_argument("--model", required=True,
+                    help="a run directory (its latest checkpoint), a checkpoint, a model directory, a .gguf file, "
+                         "or smollm2-135m-instruct")
+    ev.add_argument("--recipe", help="recipe giving data, rewards and lengths (default: the run's recipe.yaml)")
+    ev.add_argument("--data", help="data source instead of the recipe's: builtin:<task>, gsm8k or a .jsonl file")
+    ev.add_argument("--num-generations", type=int, metavar="K",
+                    help="samples per prompt for pass@k and diversity (default: the recipe's eval.num_generations)")
+    ev.add_argument("--k", type=int, nargs="+", help="the k of pass@k (default 1 5 10, those <= K)")
+    ev.add_argument("--temperature", type=float, help="sampling temperature (default: the recipe's)")
+    ev.add_argument("--seed", type=int, help="sampling seed (default: the recipe's training.seed)")
+    ev.add_argument("--limit", type=int, help="evaluate only the first N held-out rows")
+    ev.add_argument("--name", help="file name under eval/ (default: from the data and model)")
+    ev.add_argument("--out", help="write the JSON here instead of <run dir or .>/eval/<name>.json")
+    ev.add_argument("--overwrite", action="store_true", help="replace an existing eval file of that name")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
+    ev.set_defaults(func=cmd_eval)
+    compare = sub.add_parser("compare", help="compare runs or eval files side by side (Markdown table + bar chart)")
+    compare.add_argument("sources", nargs="+", help="run directories or eval JSON files; the first is the baseline")
+    compare.add_argument("--out", default="comparison", help="directory for comparison.md and comparison.png")
+    compare.add_argument("--names", nargs="+", help="column names, one per source")
+    compare.set_defaults(func=cmd_compare)
     rewards = sub.add_parser("rewards", help="work with a recipe's reward functions")
     rewards_sub = rewards.add_subparsers(dest="rewards_command", required=True)
     check = rewards_sub.add_parser("check", help="score given completions and print a per-component table")

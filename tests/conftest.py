@@ -10,6 +10,8 @@ import string
 import pytest
 import torch
 
+from grpokit.rewards import REWARDS, completion_text, register
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -60,3 +62,33 @@ def tiny_model_dir(tmp_path_factory):
     make_tiny_model(len(tokenizer)).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def tiny_recipe(model_dir, out_dir, **sections):
+    recipe = {
+        "model": {"path": str(model_dir), "dtype": "float32", "lora": None, "device": "cpu"},
+        "data": {"source": "builtin:addition", "eval_size": 8, "train_size": 64},
+        "rollout": {"num_generations": 8, "max_completion_length": 8},
+        "algorithm": {"beta": 0.0},
+        "rewards": [{"name": "toy_digits"}],
+        "training": {"learning_rate": 3e-3, "max_steps": 30, "prompts_per_step": 4, "output_dir": str(out_dir),
+                     "lr_schedule": "constant"},
+        "logging": {"progress": False, "samples_every": 5},
+    }
+    for section, values in sections.items():
+        recipe.setdefault(section, {}).update(values)
+    return recipe
+
+
+# toy rewards a random character model can earn: registered once for every test module
+if "toy_digits" not in REWARDS:
+    @register("toy_digits")
+    def toy_digits(prompts, completions, **_):
+        """Share of the reply's characters that are digits: learnable by a random char model."""
+        texts = [completion_text(c) for c in completions]
+        return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
+
+    @register("toy_leading_digit")
+    def toy_leading_digit(prompts, completions, **_):
+        """1 when the reply starts with a digit: a 'correct' that random samples hit now and then."""
+        return [float(completion_text(c)[:1].isdigit()) for c in completions]

@@ -8,31 +8,10 @@ import yaml
 
 from grpokit.cli import main
 from grpokit.config import recipe_from_dict
-from grpokit.rewards import REWARDS, register, completion_text
+from grpokit.rewards import REWARDS, completion_text, register
 from grpokit.train import train
 
-if "toy_digits" not in REWARDS:
-    @register("toy_digits")
-    def toy_digits(prompts, completions, **_):
-        """Share of the reply's characters that are digits: learnable by a random char model."""
-        texts = [completion_text(c) for c in completions]
-        return [sum(ch.isdigit() for ch in t) / max(len(t), 1) for t in texts]
-
-
-def tiny_recipe(model_dir, out_dir, **sections):
-    recipe = {
-        "model": {"path": str(model_dir), "dtype": "float32", "lora": None, "device": "cpu"},
-        "data": {"source": "builtin:addition", "eval_size": 8, "train_size": 64},
-        "rollout": {"num_generations": 8, "max_completion_length": 8},
-        "algorithm": {"beta": 0.0},
-        "rewards": [{"name": "toy_digits"}],
-        "training": {"learning_rate": 3e-3, "max_steps": 30, "prompts_per_step": 4, "output_dir": str(out_dir),
-                     "lr_schedule": "constant"},
-        "logging": {"progress": False, "samples_every": 5},
-    }
-    for section, values in sections.items():
-        recipe.setdefault(section, {}).update(values)
-    return recipe
+from conftest import tiny_recipe
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""Held-out evaluation: greedy answers scored by the recipe's rewards."""
+"""Held-out evaluation: greedy accuracy, pass@k and diversity, scored by the recipe's rewards."""
 
-from grpokit.eval.runner import evaluate
+from grpokit.eval.runner import EvalSettings, evaluate, metrics_line
 
-__all__ = ["evaluate"]
+__all__ = ["EvalSettings", "evaluate", "metrics_line"]

@@ -1,14 +1,22 @@
-"""Evaluate a policy on held-out rows: greedy decoding, the recipe's rewards, accuracy.
+"""Evaluate a policy on held-out rows: greedy accuracy, and pass@k and diversity from samples.
 
-Accuracy is the share of rows whose ``accuracy_reward`` component is >= 1 (a correct
-answer under that reward's reading of the reply). Greedy decoding makes it deterministic.
+Correctness is the ``accuracy_reward`` component being >= 1 (a correct answer under that
+reward's reading of the reply). Greedy decoding makes accuracy deterministic; the sampled
+half (K completions per prompt) is deterministic for a given seed. Every figure that
+a comparison could hinge on carries a 95% bootstrap interval, and per-row correctness
+is kept so two evaluations of the same rows can be compared paired (grpokit compare).
+The file format is documented in docs/run-directory.md.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from statistics import mean
 from typing import Any
 
+import torch
+
+from grpokit.eval.metrics import bootstrap_interval, distinct_n, pass_at_k, self_bleu
 from grpokit.rewards import RewardSet
 from grpokit.rollout import TorchSampler, encode_prompts
 
@@ -24,32 +32,128 @@ def as_completions(prompts: list, texts: list[str]) -> list:
     return [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
 
 
-def evaluate(policy, rows: list[dict], rewards: RewardSet, accuracy_reward: str, *, chat_template: bool,
-             system_prompt: str | None, max_prompt_length: int, max_completion_length: int,
-             batch_size: int = 64, num_samples: int = 16) -> dict[str, Any]:
-    """Return accuracy, mean rewards, mean completion length and a few verbatim samples."""
-    sampler = TorchSampler(policy, max_completion_length)
+@dataclass
+class EvalSettings:
+    """How to prompt and decode; the recipe's data, rollout and eval sections unpacked."""
+
+    accuracy_reward: str
+    chat_template: bool = True
+    system_prompt: str | None = None
+    max_prompt_length: int = 512
+    max_completion_length: int = 256
+    batch_size: int = 64
+    num_samples: int = 16
+    num_generations: int = 0
+    pass_k: tuple[int, ...] = (1, 5, 10)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    @classmethod
+    def from_recipe(cls, recipe) -> "EvalSettings":
+        rollout, ev = recipe.rollout, recipe.eval
+        return cls(
+            accuracy_reward=recipe.accuracy_reward, chat_template=recipe.data.chat_template,
+            system_prompt=recipe.data.system_prompt, max_prompt_length=rollout.max_prompt_length,
+            max_completion_length=rollout.max_completion_length, batch_size=ev.batch_size,
+            num_samples=ev.num_samples, num_generations=ev.num_generations, pass_k=tuple(ev.pass_k),
+            temperature=ev.temperature or rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
+            seed=recipe.training.seed,
+        )
+
+
+def _generate(policy, rows: list[dict], settings: EvalSettings, k: int, greedy: bool) -> tuple[list[str], list[int]]:
+    """Texts and token lengths, ``k`` per row in row order (a row's k completions adjacent)."""
+    generator = None if greedy else torch.Generator(policy.device).manual_seed(settings.seed)
+    sampler = TorchSampler(policy, settings.max_completion_length, settings.temperature, settings.top_p,
+                           settings.top_k, generator)
+    prompts_per_batch = max(1, settings.batch_size // k)
     texts, lengths = [], []
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        ids, _ = encode_prompts(policy.tokenizer, [r["prompt"] for r in batch], chat_template, system_prompt, max_prompt_length)
-        out = sampler.generate(ids, num_generations=1, greedy=True)
+    for start in range(0, len(rows), prompts_per_batch):
+        batch = rows[start:start + prompts_per_batch]
+        ids, _ = encode_prompts(policy.tokenizer, [r["prompt"] for r in batch], settings.chat_template,
+                                settings.system_prompt, settings.max_prompt_length)
+        out = sampler.generate(ids, num_generations=k, greedy=greedy)
         texts += policy.tokenizer.batch_decode(out.completion_ids_NC, skip_special_tokens=True)
         lengths += out.completion_lengths_N.tolist()
-    prompts = [r["prompt"] for r in rows]
-    total_N, parts = rewards(prompts, as_completions(prompts, texts), columns_of(rows))
+    return texts, lengths
+
+
+def _score(rows: list[dict], texts: list[str], rewards: RewardSet, accuracy_reward: str, k: int):
+    """Total reward, correctness and per-component means of ``k`` completions per row."""
+    prompts = [r["prompt"] for r in rows for _ in range(k)]
+    columns = columns_of([r for r in rows for _ in range(k)])
+    total_N, parts = rewards(prompts, as_completions(prompts, texts), columns, group_size=k)
     correct = [v is not None and v >= 1.0 for v in parts[accuracy_reward]]
     applicable = {name: [v for v in values if v is not None] for name, values in parts.items()}
+    means = {name: (mean(v) if v else None) for name, v in applicable.items()}
+    return total_N, correct, means
+
+
+def _interval(values: list[float], seed: int) -> list[float]:
+    return list(bootstrap_interval(values, seed=seed)) if values else [0.0, 0.0]
+
+
+def sampled_metrics(rows: list[dict], texts: list[str], lengths: list[int], correct: list[bool],
+                    total_N: torch.Tensor, means: dict, settings: EvalSettings) -> dict[str, Any]:
+    """pass@k with intervals (bootstrap over prompts), self-BLEU, distinct-n, sampled rewards."""
+    k_samples = settings.num_generations
+    num_correct = [sum(correct[i * k_samples:(i + 1) * k_samples]) for i in range(len(rows))]
+    pass_k, intervals = {}, {}
+    for k in (k for k in settings.pass_k if k <= k_samples):
+        per_prompt = [pass_at_k(k_samples, c, k) for c in num_correct]
+        pass_k[str(k)] = mean(per_prompt) if per_prompt else 0.0
+        intervals[str(k)] = _interval(per_prompt, settings.seed)
+    groups = [texts[i * k_samples:(i + 1) * k_samples] for i in range(len(rows))]
     return {
+        "num_generations": k_samples, "temperature": settings.temperature, "top_p": settings.top_p,
+        "top_k": settings.top_k, "seed": settings.seed,
+        "pass_at_k": pass_k, "pass_at_k_interval": intervals, "num_correct": num_correct,
+        "self_bleu": mean(self_bleu(g) for g in groups) if k_samples >= 2 and groups else None,
+        "distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2),
+        "reward": total_N.mean().item() if texts else 0.0, "rewards": means,
+        "completion_length": mean(lengths) if lengths else 0.0,
+    }
+
+
+def evaluate(policy, rows: list[dict], rewards: RewardSet, settings: EvalSettings) -> dict[str, Any]:
+    """Greedy accuracy (with interval and per-row correctness), rewards, lengths, verbatim samples;
+    with ``settings.num_generations`` >= 1 also a ``sampling`` block (pass@k, diversity)."""
+    texts, lengths = _generate(policy, rows, settings, 1, greedy=True)
+    total_N, correct, means = _score(rows, texts, rewards, settings.accuracy_reward, 1)
+    result: dict[str, Any] = {
         "accuracy": sum(correct) / max(len(rows), 1),
+        "accuracy_interval": _interval([float(c) for c in correct], settings.seed),
+        "correct": [int(c) for c in correct],
         "reward": total_N.mean().item() if rows else 0.0,
-        "rewards": {name: (mean(v) if v else None) for name, v in applicable.items()},
+        "rewards": means,
         "completion_length": mean(lengths) if lengths else 0.0,
         "num_examples": len(rows),
-        "accuracy_reward": accuracy_reward,
+        "accuracy_reward": settings.accuracy_reward,
         "samples": [
             {"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": t, "answer": r.get("answer"),
              "reward": total_N[i].item(), "correct": correct[i]}
-            for i, (p, t, r) in enumerate(zip(prompts[:num_samples], texts, rows))
+            for i, (p, t, r) in enumerate(zip([r["prompt"] for r in rows[:settings.num_samples]], texts, rows))
         ],
+        "sampling": None,
     }
+    if settings.num_generations >= 1 and rows:
+        k = settings.num_generations
+        s_texts, s_lengths = _generate(policy, rows, settings, k, greedy=False)
+        s_total_N, s_correct, s_means = _score(rows, s_texts, rewards, settings.accuracy_reward, k)
+        result["sampling"] = sampled_metrics(rows, s_texts, s_lengths, s_correct, s_total_N, s_means, settings)
+    return result
+
+
+def metrics_line(result: dict[str, Any]) -> dict[str, Any]:
+    """The scalars of an eval result, as one metrics.jsonl line's fields (no lists, no samples)."""
+    line = {"accuracy": result["accuracy"], "accuracy_lo": result["accuracy_interval"][0],
+            "accuracy_hi": result["accuracy_interval"][1], "reward": result["reward"],
+            "completion_length": result["completion_length"], "num_examples": result["num_examples"]}
+    line.update({f"rewards/{k}": v for k, v in result["rewards"].items()})
+    sampling = result.get("sampling")
+    if sampling:
+        line.update({f"pass@{k}": v for k, v in sampling["pass_at_k"].items()})
+        line.update({key: sampling[key] for key in ("self_bleu", "distinct_1", "distinct_2")})
+    return line

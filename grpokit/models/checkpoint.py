@@ -60,3 +60,39 @@ def load_checkpoint(directory: str | Path, dtype=None, device: str = "cpu", attn
     else:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attention)
     return model.to(device).eval(), tokenizer
+
+
+def load_checkpoint_policy(directory: str | Path, model_cfg):
+    """A checkpoint as a ``Policy`` built exactly as training built it, so an evaluation of the
+    final checkpoint reproduces the run's last eval: same dtype, same merged sampling copy.
+
+    ``model_cfg`` supplies dtype, device and attention; for a LoRA checkpoint the base model
+    and the adapter shape come from ``adapter_config.json``, not the recipe.
+    """
+    from grpokit.config import LoraConfig
+    from grpokit.errors import ModelError
+    from grpokit.models.loading import load_policy
+
+    directory = Path(directory)
+    adapter_config = directory / "adapter_config.json"
+    if not adapter_config.is_file():
+        if not (directory / "config.json").is_file():
+            raise ModelError(f"{directory}: not a checkpoint (no adapter_config.json or config.json)")
+        return load_policy(model_cfg.model_copy(update={"path": str(directory), "lora": None}), beta=0.0)
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter = json.loads(adapter_config.read_text())
+    base_path = adapter.get("base_model_name_or_path")
+    if not base_path:
+        raise ModelError(f"{adapter_config}: no base_model_name_or_path; cannot find the base model")
+    targets = adapter["target_modules"]
+    lora = LoraConfig(r=adapter["r"], alpha=adapter["lora_alpha"], dropout=adapter.get("lora_dropout", 0.0),
+                      target_modules=sorted(targets) if isinstance(targets, list) else targets)
+    policy = load_policy(model_cfg.model_copy(update={"path": base_path, "lora": lora}), beta=0.0, merge_lora=True)
+    result = set_peft_model_state_dict(policy.model, load_file(directory / "adapter_model.safetensors"))
+    if getattr(result, "unexpected_keys", None):
+        raise ModelError(f"{directory}: adapter weights do not fit the base model ({result.unexpected_keys[:3]} ...)")
+    policy.sync_merged()
+    policy.model.eval()
+    return policy

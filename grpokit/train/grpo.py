@@ -27,7 +27,7 @@ from grpokit import __version__
 from grpokit.algo.replay import ReplayBuffer
 from grpokit.config import Recipe, dump_recipe
 from grpokit.data import load_splits
-from grpokit.eval import evaluate
+from grpokit.eval import EvalSettings, evaluate, metrics_line
 from grpokit.log import JsonlSink
 from grpokit.models import Policy, load_policy, save_checkpoint
 from grpokit.rewards import RewardOrchestrator, RewardSet, build_orchestrator
@@ -106,21 +106,13 @@ def reward_metrics(rounds: list) -> dict[str, float]:
 
 
 def run_eval(run: Run, step: int, run_dir: Path, sink: JsonlSink) -> dict[str, Any]:
-    recipe = run.recipe
-    result = evaluate(
-        run.policy, run.eval_rows, run.rewards, recipe.accuracy_reward,
-        chat_template=recipe.data.chat_template, system_prompt=recipe.data.system_prompt,
-        max_prompt_length=recipe.rollout.max_prompt_length, max_completion_length=recipe.rollout.max_completion_length,
-        batch_size=recipe.eval.batch_size, num_samples=recipe.eval.num_samples,
-    )
+    """Evaluate on the fixed held-out rows; write eval/step-N.json and an eval line."""
+    result = evaluate(run.policy, run.eval_rows, run.rewards, EvalSettings.from_recipe(run.recipe))
     result["step"] = step
     log.info("eval at step %d: accuracy %.1f%% (%d held-out rows), mean reward %.3f",
              step, 100 * result["accuracy"], result["num_examples"], result["reward"])
     write_json(run_dir / "eval" / f"step-{step}.json", result)
-    line = {"step": step, "kind": "eval", "accuracy": result["accuracy"], "reward": result["reward"],
-            "completion_length": result["completion_length"], "num_examples": result["num_examples"]}
-    line.update({f"rewards/{k}": v for k, v in result["rewards"].items()})
-    sink.log(line)
+    sink.log({"step": step, "kind": "eval", **metrics_line(result)})
     return result
 
 
