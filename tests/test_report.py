@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import yaml
 
 from grpokit.errors import RunDirError
 from grpokit.report import write_report
+from grpokit.report.plots import plot_accuracy
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = 20
@@ -188,3 +190,111 @@ def test_minimal_run_with_one_eval_and_sparse_lines(tmp_path: Path) -> None:
     assert "Only one evaluation so far" in report
     assert "No sample completions were recorded." in report
     assert sorted(p.name for p in (run / "plots").iterdir()) == ["accuracy.png"]
+
+
+# --- the newer eval fields: intervals, per-row correctness, sampling (pass@k, diversity) ---
+
+
+def _sampling(p1: float, p10: float, self_bleu: float, reward: float) -> dict:
+    """A ``sampling`` block with pass@1/pass@10 and ±0.1 intervals (0.05 on pass@10)."""
+    return {
+        "num_generations": 16, "temperature": 1.0, "top_p": 1.0, "seed": 0,
+        "pass_at_k": {"1": p1, "10": p10},
+        "pass_at_k_interval": {"1": [p1 - 0.1, p1 + 0.1], "10": [p10 - 0.05, p10 + 0.05]},
+        "num_correct": [], "self_bleu": self_bleu, "distinct_1": 0.05, "distinct_2": 0.08,
+        "reward": reward, "rewards": {"answer_match": p1}, "completion_length": 12.0,
+    }
+
+
+def make_new_format_run(root: Path, *, sampling_at: tuple[int, ...] = (0, 20)) -> Path:
+    """make_run's run with the newer fields added to every eval file and eval line.
+
+    Correct rows: the first 8 of 32 at step 0, the first 15 at step 20 (a superset), so
+    the paired differences are 7 ones and 25 zeros: +21.875 pp, and no row got worse.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    run = make_run(root)
+    extra = {
+        0: {"accuracy_interval": [0.125, 0.40625], "correct": [1] * 8 + [0] * 24},
+        5: {"accuracy_interval": [0.15, 0.45], "correct": [1] * 10 + [0] * 22},
+        20: {"accuracy_interval": [0.3125, 0.625], "correct": [1] * 15 + [0] * 17},
+    }
+    blocks = {0: _sampling(0.3, 0.6, 0.9, 0.4), 5: _sampling(0.35, 0.7, 0.85, 0.45),
+              20: _sampling(0.55, 0.9, 0.7, 0.65)}
+    for step, fields in extra.items():
+        path = run / "eval" / f"step-{step}.json"
+        data = {**json.loads(path.read_text()), **fields, "sampling": blocks[step] if step in sampling_at else None}
+        path.write_text(json.dumps(data))
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        if line["kind"] == "eval":
+            line["accuracy_lo"], line["accuracy_hi"] = extra[line["step"]]["accuracy_interval"]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return run
+
+
+def test_report_shows_intervals_pass_at_k_and_diversity(tmp_path: Path) -> None:
+    run = make_new_format_run(tmp_path)
+    report = write_report(run).read_text()
+    assert _table_row(report, "Accuracy") == ["Accuracy", "25.0% [12.5, 40.6]", "46.9% [31.2, 62.5]", "+21.9 pp"]
+    assert _table_row(report, "pass@1") == ["pass@1", "30.0% [20.0, 40.0]", "55.0% [45.0, 65.0]", "+25.0 pp"]
+    assert _table_row(report, "pass@10") == ["pass@10", "60.0% [55.0, 65.0]", "90.0% [85.0, 95.0]", "+30.0 pp"]
+    assert _table_row(report, "self-BLEU (lower = more diverse)")[1:] == ["0.900", "0.700", "-0.200"]
+    assert _table_row(report, "distinct-1")[1:] == ["0.050", "0.050", "+0.000"]
+    assert _table_row(report, "distinct-2")[1:] == ["0.080", "0.080", "+0.000"]
+    assert _table_row(report, "Mean reward (sampled)")[1:] == ["0.400", "0.650", "+0.250"]
+    # the greedy rows read as before
+    assert _table_row(report, "Mean reward") == ["Mean reward", "0.375", "0.594", "+0.219"]
+    assert "16 completions per prompt at temperature 1.0, top-p 1.0, seed 0" in report
+    # paired bootstrap of 7 ones and 25 zeros: centred on +21.9 pp, strictly above 0
+    line = next(l for l in report.splitlines() if l.startswith("Accuracy change, paired bootstrap"))
+    lo, hi = (float(x) for x in re.search(r"\+21\.9 pp \[\+?(-?[\d.]+), \+?(-?[\d.]+)\]", line).groups())
+    assert 0 < lo < 21.9 < hi <= 100 * 15 / 32
+    assert "over the same 32 held-out rows" in line and "the gain is larger than resampling noise" in line
+
+
+def test_report_pass_at_k_plot_only_with_sampling(tmp_path: Path) -> None:
+    run = make_new_format_run(tmp_path / "new")
+    report = write_report(run).read_text()
+    assert (run / "plots" / "pass_at_k.png").read_bytes().startswith(PNG_MAGIC)
+    assert "](plots/pass_at_k.png)" in report
+    (tmp_path / "old").mkdir()
+    old = make_run(tmp_path / "old")
+    old_report = write_report(old).read_text()
+    assert not (old / "plots" / "pass_at_k.png").exists() and "pass_at_k" not in old_report
+    assert "pass@" not in old_report and "paired bootstrap" not in old_report
+    assert _table_row(old_report, "Accuracy")[1] == "25.0%"
+
+
+def test_report_sampling_only_in_last_eval(tmp_path: Path) -> None:
+    report = write_report(make_new_format_run(tmp_path, sampling_at=(20,))).read_text()
+    assert _table_row(report, "pass@1") == ["pass@1", "—", "55.0% [45.0, 65.0]", "—"]
+    assert _table_row(report, "self-BLEU (lower = more diverse)")[1:] == ["—", "0.700", "—"]
+
+
+def test_report_identical_correct_lists_are_within_noise(tmp_path: Path) -> None:
+    run = make_new_format_run(tmp_path)
+    first = json.loads((run / "eval" / "step-0.json").read_text())
+    last_path = run / "eval" / "step-20.json"
+    last_path.write_text(json.dumps({**json.loads(last_path.read_text()), "correct": first["correct"]}))
+    report = write_report(run).read_text()
+    assert "[+0.0, +0.0]; the interval includes 0, so the difference is within noise." in report
+
+
+def test_accuracy_band_changes_the_plot(tmp_path: Path) -> None:
+    rows = [{"step": 0, "accuracy": 0.25}, {"step": 20, "accuracy": 0.5}]
+    band = [{**rows[0], "accuracy_lo": 0.1, "accuracy_hi": 0.4}, {**rows[1], "accuracy_lo": 0.3, "accuracy_hi": 0.7}]
+    assert plot_accuracy(rows, tmp_path / "plain.png") and plot_accuracy(band, tmp_path / "band.png")
+    assert (tmp_path / "plain.png").read_bytes() != (tmp_path / "band.png").read_bytes()
+
+
+def test_report_band_from_eval_files_when_metrics_lack_eval_lines(tmp_path: Path) -> None:
+    run = make_new_format_run(tmp_path)
+    lines = [l for l in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' not in l]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    write_report(run)
+    (tmp_path / "plain").mkdir()
+    plain = make_run(tmp_path / "plain")
+    (plain / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    write_report(plain)
+    assert (run / "plots" / "accuracy.png").read_bytes() != (plain / "plots" / "accuracy.png").read_bytes()

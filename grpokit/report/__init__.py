@@ -6,52 +6,25 @@ required files are the directory itself and ``metrics.jsonl``; every other file 
 every metric key is optional and its section or plot is skipped when absent. Malformed
 files are errors that name ``file:line``, since a silently skipped line would make the
 report lie about the run.
+
+``write_comparison`` (grpokit.report.compare) puts several eval files or runs side by side.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from grpokit.errors import RunDirError
-from grpokit.jsonio import JsonLineError, read_jsonl_lines
+from grpokit.report.compare import write_comparison
+from grpokit.report.files import Row, bad_line, read_json, read_jsonl, read_step_evals
 from grpokit.report.markdown import build_markdown
-from grpokit.report.plots import Row, write_plots
+from grpokit.report.plots import write_plots
+from grpokit.report.stats import interval, pass_at_k
 
-__all__ = ["write_report"]
-
-_EVAL_FILE = re.compile(r"step-(\d+)\.json")
-
-
-def _bad_line(path: Path, lineno: int, what: str) -> RunDirError:
-    """The one message for a malformed line: where, what, and how to get past it."""
-    return RunDirError(
-        f"{path}:{lineno}: {what}. The file was probably cut off by a crash or edited by hand; "
-        "repair or delete that line and run the report again."
-    )
-
-
-def _read_jsonl(path: Path) -> list[tuple[int, Row]]:
-    """(line number, object) for each non-blank line; anything but a JSON object is an error."""
-    try:
-        return read_jsonl_lines(path)
-    except JsonLineError as e:
-        raise _bad_line(e.path, e.lineno, e.what) from e
-
-
-def _read_json(path: Path) -> Row:
-    """One JSON object from a whole file, errors pointing at the offending line."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise _bad_line(path, e.lineno, f"not valid JSON ({e.msg}, column {e.colno})") from e
-    if not isinstance(data, dict):
-        raise _bad_line(path, 1, f"expected a JSON object, got {type(data).__name__}")
-    return data
+__all__ = ["write_comparison", "write_report"]
 
 
 def _read_recipe(path: Path) -> dict[str, Any]:
@@ -62,9 +35,9 @@ def _read_recipe(path: Path) -> dict[str, Any]:
         recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        raise _bad_line(path, mark.line + 1 if mark else 1, f"not valid YAML ({getattr(e, 'problem', e)})") from e
+        raise bad_line(path, mark.line + 1 if mark else 1, f"not valid YAML ({getattr(e, 'problem', e)})") from e
     if recipe is not None and not isinstance(recipe, dict):
-        raise _bad_line(path, 1, f"expected a mapping of recipe sections, got {type(recipe).__name__}")
+        raise bad_line(path, 1, f"expected a mapping of recipe sections, got {type(recipe).__name__}")
     return recipe or {}
 
 
@@ -75,10 +48,10 @@ def _split_metrics(path: Path) -> tuple[list[Row], list[Row]]:
     is the one that led to the final model, so for a repeated (kind, step) the last wins.
     """
     latest: dict[tuple[str, int], Row] = {}
-    for lineno, row in _read_jsonl(path):
+    for lineno, row in read_jsonl(path):
         step = row.get("step")
         if isinstance(step, bool) or not isinstance(step, int):
-            raise _bad_line(path, lineno, f"`step` must be an integer, got {step!r}")
+            raise bad_line(path, lineno, f"`step` must be an integer, got {step!r}")
         latest[(row.get("kind", "train"), step)] = row
     ordered = sorted(latest.items(), key=lambda item: item[0][1])
     train = [row for (kind, _), row in ordered if kind == "train"]
@@ -86,15 +59,12 @@ def _split_metrics(path: Path) -> tuple[list[Row], list[Row]]:
     return train, evals
 
 
-def _read_evals(eval_dir: Path) -> list[Row]:
-    """Every ``eval/step-N.json``, ordered by N as a number (step-10 comes after step-9)."""
-    found = []
-    for path in eval_dir.glob("step-*.json"):
-        if match := _EVAL_FILE.fullmatch(path.name):
-            data = _read_json(path)
-            data.setdefault("step", int(match.group(1)))
-            found.append((int(match.group(1)), data))
-    return [data for _, data in sorted(found, key=lambda item: item[0])]
+def _eval_line(ev: Row) -> Row:
+    """An eval file's scalars under the names a metrics.jsonl eval line uses."""
+    line = {k: v for k, v in ev.items() if k not in ("samples", "correct", "sampling", "accuracy_interval")}
+    if iv := interval(ev.get("accuracy_interval")):
+        line["accuracy_lo"], line["accuracy_hi"] = iv
+    return line
 
 
 def _check_run_dir(run: Path) -> None:
@@ -120,14 +90,15 @@ def write_report(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     _check_run_dir(run)
     train_rows, eval_rows = _split_metrics(run / "metrics.jsonl")
-    run_info = _read_json(run / "run.json") if (run / "run.json").is_file() else {}
-    evals = _read_evals(run / "eval")
+    run_info = read_json(run / "run.json") if (run / "run.json").is_file() else {}
+    evals = read_step_evals(run / "eval")
     samples_path = run / "samples.jsonl"
-    samples = [row for _, row in _read_jsonl(samples_path)] if samples_path.is_file() else []
+    samples = [row for _, row in read_jsonl(samples_path)] if samples_path.is_file() else []
     # metrics.jsonl and eval/*.json carry the same eval figures; the files stand in for
     # the lines when a run logged only the files
-    curve = eval_rows or [{k: v for k, v in e.items() if k != "samples"} for e in evals]
-    plot_names = write_plots(train_rows, curve, run / "plots")
+    curve = eval_rows or [_eval_line(e) for e in evals]
+    pass_curves = [(f"step {e.get('step')}", points) for e in evals if (points := pass_at_k(e))]
+    plot_names = write_plots(train_rows, curve, run / "plots", pass_curves)
     text = build_markdown(
         name=run.resolve().name,
         run_info=run_info,

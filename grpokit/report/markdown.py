@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import re
 import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from grpokit.report.plots import CAPTIONS, Row, number, series
+from grpokit.report.stats import Difference, accuracy_difference, interval, pass_at_k, sampling, verdict
 
 _MISSING = object()
 _DASH = "—"
@@ -42,13 +45,13 @@ def cell(value: Any, limit: int = MAX_CELL_CHARS) -> str:
     return text.replace("\r\n", "\n").replace("\n", "<br>")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
     """A GitHub-flavoured Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def _signed(delta: float, digits: int, unit: str = "") -> str:
+def signed(delta: float, digits: int, unit: str = "") -> str:
     """``+21.9 pp``; rounding first so a tiny negative never prints as ``-0.0``."""
     delta = round(delta, digits) or 0.0
     return f"{delta:+.{digits}f}{unit}"
@@ -92,33 +95,106 @@ def recipe_section(recipe: dict[str, Any]) -> list[str]:
     rows = [[f"`{p}`", cell(formats.get(p, str)(v))] for p, v in fields]
     if not rows:
         return ["## Recipe", "", "No recipe.yaml in the run directory.", ""]
-    return ["## Recipe", "", *_table(["field", "value"], rows), ""]
+    return ["## Recipe", "", *table(["field", "value"], rows), ""]
 
 
-def _eval_figures(ev: Row) -> dict[str, tuple[str, Any]]:
-    """Label -> (kind, value) for one eval file, its reward components flattened in."""
-    components = ev.get("rewards") if isinstance(ev.get("rewards"), dict) else {}
-    return {
-        "Accuracy": ("pct", ev.get("accuracy")),
-        "Mean reward": ("score", ev.get("reward")),
-        **{f"reward `{name}`": ("score", value) for name, value in components.items()},
-        "Mean completion length (tokens)": ("length", ev.get("completion_length")),
-        "Examples": ("count", ev.get("num_examples")),
-    }
+Interval = tuple[float, float] | None
 
 
-def _fmt(value: Any, kind: str) -> str:
-    """One figure in its kind's precision; accuracy as a percentage."""
+@dataclass(frozen=True)
+class EvalFigure:
+    """One row of an eval table: its label, how to print it, how to read it from an eval file."""
+
+    label: str
+    kind: str  # a key of _KINDS
+    get: Callable[[Row], tuple[Any, Interval]]  # eval file -> (value, 95% interval or None)
+    better: str | None = "higher"  # "higher", "lower", or None when no value is better
+
+
+def _key(key: str, block: bool = False) -> Callable[[Row], tuple[Any, Interval]]:
+    """Getter of a top-level figure, or (``block``) of one in the ``sampling`` block."""
+    return lambda ev: (((sampling(ev) or {}) if block else ev).get(key), None)
+
+
+def _component(name: str) -> Callable[[Row], tuple[Any, Interval]]:
+    """Getter of one greedy reward component (None where it did not apply)."""
+
+    def get(ev: Row) -> tuple[Any, Interval]:
+        rewards = ev.get("rewards")
+        return (rewards.get(name) if isinstance(rewards, dict) else None), None
+
+    return get
+
+
+def eval_figures(evals: list[Row]) -> list[EvalFigure]:
+    """The rows an eval table of ``evals`` needs, in reading order.
+
+    Files without the newer fields (intervals, ``sampling``) give exactly the older rows:
+    accuracy, mean reward, each reward component, completion length, examples.
+    """
+    ks = sorted({k for ev in evals for k in pass_at_k(ev)})
+    names = [n for ev in evals if isinstance(ev.get("rewards"), dict) for n in ev["rewards"]]
+    sampled = any(sampling(ev) for ev in evals)
+    figures = [EvalFigure("Accuracy", "pct", lambda ev: (ev.get("accuracy"), interval(ev.get("accuracy_interval"))))]
+    figures += [EvalFigure(f"pass@{k}", "pct", lambda ev, k=k: pass_at_k(ev).get(k, (None, None))) for k in ks]
+    if sampled:
+        figures += [
+            EvalFigure("self-BLEU (lower = more diverse)", "score", _key("self_bleu", True), "lower"),
+            EvalFigure("distinct-1", "score", _key("distinct_1", True)),
+            EvalFigure("distinct-2", "score", _key("distinct_2", True)),
+        ]
+    figures.append(EvalFigure("Mean reward", "score", _key("reward")))
+    figures += [EvalFigure(f"reward `{n}`", "score", _component(n)) for n in dict.fromkeys(names)]
+    if sampled:
+        figures.append(EvalFigure("Mean reward (sampled)", "score", _key("reward", True)))
+    figures.append(EvalFigure("Mean completion length (tokens)", "length", _key("completion_length"), None))
+    if sampled:
+        figures.append(EvalFigure("Mean completion length, sampled (tokens)", "length",
+                                  _key("completion_length", True), None))
+    figures.append(EvalFigure("Examples", "count", _key("num_examples"), None))
+    return figures
+
+
+def fmt(value: Any, kind: str, iv: Interval = None) -> str:
+    """One figure in its kind's precision, accuracy as a percentage: ``99.2% [97.7, 100.0]``."""
     digits, scale, suffix, _ = _KINDS[kind]
     value = number(value)
-    return _DASH if value is None else f"{value * scale:.{digits}f}{suffix}"
+    if value is None:
+        return _DASH
+    text = f"{value * scale:.{digits}f}{suffix}"
+    return text if iv is None else f"{text} [{iv[0] * scale:.{digits}f}, {iv[1] * scale:.{digits}f}]"
+
+
+def rounded(value: Any, kind: str) -> float | None:
+    """A figure as printed (scaled and rounded), so values that read the same compare equal."""
+    digits, scale, _, _ = _KINDS[kind]
+    value = number(value)
+    return None if value is None else round(value * scale, digits)
 
 
 def _delta(before: Any, after: Any, kind: str) -> str:
     """after − before, signed; accuracy in percentage points, not a relative change."""
     digits, scale, _, unit = _KINDS[kind]
     b, a = number(before), number(after)
-    return _DASH if b is None or a is None else _signed((a - b) * scale, digits, unit)
+    return _DASH if b is None or a is None else signed((a - b) * scale, digits, unit)
+
+
+def format_difference(diff: Difference) -> str:
+    """``+21.9 pp [+9.4, +34.4]``: a difference of accuracies and its interval."""
+    return f"{signed(100 * diff.estimate, 1, ' pp')} [{signed(100 * diff.lo, 1)}, {signed(100 * diff.hi, 1)}]"
+
+
+def sampling_note(evals: list[Row]) -> list[str]:
+    """Where the sampled figures come from; one line per distinct set of sampling settings."""
+    keys = ("num_generations", "temperature", "top_p", "seed")
+    settings = dict.fromkeys(tuple(block.get(k) for k in keys) for ev in evals if (block := sampling(ev)))
+    if not settings:
+        return []
+    described = "; ".join(f"{n} completions per prompt at temperature {t}, top-p {p}, seed {s}"
+                          for n, t, p, s in settings)
+    return [f"Accuracy, mean reward and length are from greedy answers; pass@k (the unbiased estimator of "
+            f"Chen et al. 2021), self-BLEU, distinct-n and the sampled rows from {described}. "
+            "Brackets: 95% bootstrap intervals over the held-out rows."]
 
 
 def eval_section(evals: list[Row]) -> list[str]:
@@ -126,18 +202,22 @@ def eval_section(evals: list[Row]) -> list[str]:
     if not evals:
         return ["## Before and after", "", "No eval files (`eval/step-N.json`) in the run directory.", ""]
     compare = len(evals) > 1
-    before, after = _eval_figures(evals[0]), _eval_figures(evals[-1])
-    header = ["metric", f"before (step {evals[0].get('step')})"]
-    header += [f"after (step {evals[-1].get('step')})", "change"] if compare else []
+    first, last = evals[0], evals[-1]
+    header = ["metric", f"before (step {first.get('step')})"]
+    header += [f"after (step {last.get('step')})", "change"] if compare else []
     rows = []
-    for label in dict.fromkeys([*before, *after]):
-        kind, b = before.get(label, (after[label][0], None))
-        a = after.get(label, (kind, None))[1]
-        rows.append([label, _fmt(b, kind), *([_fmt(a, kind), _delta(b, a, kind)] if compare else [])])
-    source = evals[-1].get("accuracy_reward")
+    for figure in eval_figures([first, last] if compare else [first]):
+        (b, b_iv), (a, a_iv) = figure.get(first), figure.get(last)
+        after = [fmt(a, figure.kind, a_iv), _delta(b, a, figure.kind)] if compare else []
+        rows.append([figure.label, fmt(b, figure.kind, b_iv), *after])
+    source = last.get("accuracy_reward")
     notes = [f"Accuracy is the share of eval examples that reward `{source}` scored as correct."] if source else []
+    notes += sampling_note([first, last] if compare else [first])
+    if compare and (diff := accuracy_difference(first, last, allow_unpaired=False)):
+        notes.append(f"Accuracy change, paired bootstrap over the same {diff.rows} held-out rows: "
+                     f"{format_difference(diff)}; {verdict(diff)}.")
     notes += [] if compare else ["Only one evaluation so far: nothing to compare yet."]
-    return ["## Before and after", "", *_table(header, rows), "", *notes, ""]
+    return ["## Before and after", "", *table(header, rows), "", *notes, ""]
 
 
 def plots_section(plot_names: list[str]) -> list[str]:
@@ -173,8 +253,8 @@ def training_section(train_rows: list[Row]) -> list[str]:
         first, last = statistics.fmean(reward[:k]), statistics.fmean(reward[-k:])
         rows.append([f"mean reward, first 10% (steps {steps[0]}–{steps[k - 1]})", f"{first:.3f}"])
         rows.append([f"mean reward, last 10% (steps {steps[-k]}–{steps[-1]})", f"{last:.3f}"])
-        rows.append(["reward change (last − first)", _signed(last - first, 3)])
-    return lines + (_table(["figure", "value"], rows) if rows else ["No speed or reward figures were logged."]) + [""]
+        rows.append(["reward change (last − first)", signed(last - first, 3)])
+    return lines + (table(["figure", "value"], rows) if rows else ["No speed or reward figures were logged."]) + [""]
 
 
 def _prompt_text(prompt: Any) -> str:
@@ -205,9 +285,9 @@ def _training_samples(samples: list[Row]) -> list[str]:
         return ["No sample completions were recorded.", ""]
     chosen = [s for s in samples if s.get("step") == max(steps)][:MAX_SAMPLES]
     texts = [[_prompt_text(s.get("prompt")), s.get("completion", ""), s.get("answer", _DASH)] for s in chosen]
-    rows = [[*map(cell, t), _fmt(s.get("reward"), "score")] for t, s in zip(texts, chosen)]
+    rows = [[*map(cell, t), fmt(s.get("reward"), "score")] for t, s in zip(texts, chosen)]
     intro = f"No eval samples to compare; training completions from step {max(steps)} (`samples.jsonl`):"
-    return [intro, "", *_table(["prompt", "completion", "answer", "reward"], rows), ""]
+    return [intro, "", *table(["prompt", "completion", "answer", "reward"], rows), ""]
 
 
 def samples_section(evals: list[Row], samples: list[Row]) -> list[str]:
@@ -223,7 +303,7 @@ def samples_section(evals: list[Row], samples: list[Row]) -> list[str]:
         + [cell(b.get("completion", "")), _correct(b), cell(a.get("completion", "")), _correct(a)]
         for b, a in pairs
     ]
-    return lines + _table(header, rows) + [""]
+    return lines + table(header, rows) + [""]
 
 
 def header_section(name: str, run_info: Row, train_rows: list[Row]) -> list[str]:
