@@ -7,6 +7,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Sequence
 
@@ -60,19 +61,22 @@ def cmd_train(args) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s", force=True,
                             handlers=[RichHandler(console=bar.console, show_path=False)])
         with bar:
-            run_dir = train(recipe, overwrite=args.overwrite, progress=update)
+            run_dir = train(recipe, overwrite=args.overwrite, resume=args.resume, progress=update)
     else:
         def update(step: int, stats: dict) -> None:
             print(f"step {step}/{recipe.training.max_steps}  reward {stats['reward']:.3f}  kl {stats['kl']:.4f}  "
                   f"{stats['step_time_s']:.1f} s/step", flush=True)
-        run_dir = train(recipe, overwrite=args.overwrite, progress=update)
+        run_dir = train(recipe, overwrite=args.overwrite, resume=args.resume, progress=update)
+    status = json.loads((run_dir / "run.json").read_text())
+    if status["status"] == "stopped":
+        console.print(f"stopped by {status['stop_signal']} after step {status['steps']}; checkpoint written. "
+                      f"Continue with: grpokit train {args.recipe} --resume")
+        return 0
     _print_before_after(console, run_dir)
     return 0
 
 
 def _print_before_after(console, run_dir) -> None:
-    import json
-
     evals = sorted((run_dir / "eval").glob("step-*.json"), key=lambda p: int(p.stem.split("-")[1]))
     if len(evals) >= 2:
         first, last = (json.loads(p.read_text()) for p in (evals[0], evals[-1]))
@@ -184,7 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe field, e.g. --set training.max_steps=10 (repeatable)")
     train.add_argument("--dry-run", action="store_true", help="validate, load, sample once, print the plan; write nothing")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    mode = train.add_mutually_exclusive_group()
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run in training.output_dir from its latest complete checkpoint "
+                           "(starts a new run when there is none yet)")
     train.set_defaults(func=cmd_train)
     report = sub.add_parser("report", help="write report.md and plots for a run directory")
     report.add_argument("run_dir", help="a run directory written by `grpokit train`")
@@ -211,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", default="comparison", help="directory for comparison.md and comparison.png")
     compare.add_argument("--names", nargs="+", help="column names, one per source")
     compare.set_defaults(func=cmd_compare)
+    from grpokit.data.commands import add_data_commands
+
+    add_data_commands(sub)
     rewards = sub.add_parser("rewards", help="work with a recipe's reward functions")
     rewards_sub = rewards.add_subparsers(dest="rewards_command", required=True)
     check = rewards_sub.add_parser("check", help="score given completions and print a per-component table")

@@ -77,7 +77,9 @@ class RolloutConfig(Section):
     num_generations: int = Field(8, ge=2)
     """G: completions sampled per prompt; advantages compare completions within a group."""
     max_prompt_length: int = Field(256, ge=1)
-    """Prompts longer than this many tokens are truncated from the left."""
+    """Longer prompts are cut from the left, keeping the question at the end (see prompt_overflow)."""
+    prompt_overflow: Literal["truncate", "error"] = "truncate"
+    """Prompts longer than max_prompt_length: cut from the left (counted in the log) or refuse the data."""
     max_completion_length: int = Field(32, ge=1)
     """Generation stops at EOS or after this many tokens."""
     temperature: float = Field(1.0, gt=0)
@@ -205,8 +207,12 @@ class TrainingConfig(Section):
     """Seed for sampling prompts and completions."""
     eval_every: int = Field(0, ge=0)
     """Evaluate on the held-out rows every N steps (0: only before and after training)."""
-    save_every: int = Field(0, ge=0)
-    """Write a checkpoint every N steps (0: only at the end)."""
+    save_every: int = Field(20, ge=0)
+    """Write a checkpoint every N steps (0: only at the end and on SIGINT/SIGTERM); --resume starts there."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Keep the newest K checkpoints; older ones are deleted once a newer one is complete."""
+    max_consecutive_skips: int = Field(3, ge=1)
+    """Stop after this many consecutive steps whose loss or gradient was not finite (each is skipped)."""
     output_dir: str = "runs/demo"
     """The run directory (relative paths are relative to the current directory)."""
     num_threads: int | None = Field(None, ge=1)
@@ -295,27 +301,56 @@ class Recipe(Section):
 # --------------------------------------------------------------------------- loading
 
 
+class _SafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no Python objects, ever) whose bad scalars fail as YAML errors with a line.
+
+    Plain SafeLoader raises a bare ValueError for ``2001-02-30`` (read as a date) or
+    ``!!int abc``, with no position; here they become ConstructorErrors at the node.
+    """
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {node.value!r} as {node.tag.rsplit(':', 1)[-1]} ({exc}); quote it to keep it a string",
+                node.start_mark) from None
+
+
+def safe_load(text: str) -> Any:
+    """Parse YAML safely; every failure is a ``yaml.YAMLError`` (too deep nesting included)."""
+    try:
+        return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError("nested too deeply") from None
+
+
 def _key_lines(text: str) -> dict[tuple, int]:
     """Map each key path in a YAML text to its 1-based line, so errors can say file:line."""
     lines: dict[tuple, int] = {}
 
-    def walk(node: yaml.Node, path: tuple) -> None:
+    def walk(node: yaml.Node, path: tuple, inside: frozenset) -> None:
+        if id(node) in inside:  # an alias inside its own anchor (a: &x [*x]) would recurse forever
+            return
+        inside = inside | {id(node)}
         if isinstance(node, yaml.MappingNode):
             for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode):
+                    continue
                 child = path + (key_node.value,)
                 lines[child] = key_node.start_mark.line + 1
-                walk(value_node, child)
+                walk(value_node, child, inside)
         elif isinstance(node, yaml.SequenceNode):
             for index, item in enumerate(node.value):
                 lines[path + (index,)] = item.start_mark.line + 1
-                walk(item, path + (index,))
+                walk(item, path + (index,), inside)
 
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
-        return lines
-    if root is not None:
-        walk(root, ())
+        if root is not None:
+            walk(root, (), frozenset())
+    except (yaml.YAMLError, RecursionError):
+        pass  # the lines found so far still help
     return lines
 
 
@@ -341,8 +376,11 @@ def _format_errors(err: ValidationError, origin: str, lines: dict[tuple, int], o
     for item in err.errors():
         loc = tuple(part for part in item["loc"] if not (isinstance(part, str) and part.startswith("function-after")))
         key = ".".join(str(p) for p in loc) or "(recipe)"
-        if loc in overrides:
-            where = f"--set {overrides[loc]}"
+        # the --set that wrote this key, or a key above or below it (training.seed.x=1 breaks training.seed)
+        setter = overrides.get(loc) or next((raw for path, raw in overrides.items()
+                                             if loc and (path[:len(loc)] == loc or loc[:len(path)] == path)), None)
+        if setter is not None:
+            where = f"--set {setter}"
         elif loc in lines:
             where = f"{origin}:{lines[loc]}"
         else:
@@ -358,7 +396,9 @@ def _format_errors(err: ValidationError, origin: str, lines: dict[tuple, int], o
             got = item.get("input")
             shown = repr(got) if not isinstance(got, dict) else "a mapping"
             messages.append(f"{where}: {key}: {item['msg']} (got {shown})")
-    return "invalid recipe:\n  " + "\n  ".join(messages)
+    if len(messages) == 1:  # the common case stays one line
+        return f"invalid recipe: {messages[0]}"
+    return f"invalid recipe ({len(messages)} errors):\n  " + "\n  ".join(messages)
 
 
 def parse_overrides(assignments: list[str]) -> list[tuple[tuple, Any, str]]:
@@ -368,11 +408,11 @@ def parse_overrides(assignments: list[str]) -> list[tuple[tuple, Any, str]]:
         key, sep, value = text.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"--set {text!r}: expected KEY=VALUE, e.g. --set training.max_steps=10")
-        path = tuple(int(p) if p.isdigit() else p for p in key.strip().split("."))
+        path = tuple(int(p) if p.isascii() and p.isdigit() else p for p in key.strip().split("."))
         try:
-            parsed.append((path, yaml.safe_load(value), text))
+            parsed.append((path, safe_load(value), text))
         except yaml.YAMLError as exc:
-            raise RecipeError(f"--set {text!r}: the value is not valid YAML ({exc.problem})") from None
+            raise RecipeError(f"--set {text!r}: the value is not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
     return parsed
 
 
@@ -385,8 +425,8 @@ def _apply_override(data: dict, path: tuple, value: Any, text: str) -> None:
             node = node[part]
         else:
             node = node.setdefault(part, {})
-            if not isinstance(node, (dict, list)):
-                raise RecipeError(f"--set {text}: {'.'.join(map(str, path[:depth + 1]))} is not a section")
+        if not isinstance(node, (dict, list)):  # a list element may be a scalar too (rewards: [x])
+            raise RecipeError(f"--set {text}: {'.'.join(map(str, path[:depth + 1]))} is not a section")
     if isinstance(node, list):
         if not isinstance(path[-1], int) or path[-1] >= len(node):
             raise RecipeError(f"--set {text}: no list element {path[-1]}")
@@ -406,6 +446,8 @@ def recipe_from_dict(data: Any, origin: str = "<recipe>", text: str = "", overri
         return Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(_format_errors(err, origin, _key_lines(text), {p: raw for p, _, raw in parsed})) from None
+    except RecursionError:
+        raise RecipeError(f"{origin}: the recipe nests too deeply (or an alias *x sits inside its own anchor &x)") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -415,10 +457,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError(f"{path}: recipe file not found (check the path; examples are in recipes/)") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: a NUL byte in the path
         raise RecipeError(f"{path}: cannot read the recipe ({exc})") from None
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

@@ -26,3 +26,7 @@ class RewardError(GrpokitError):
 
 class RunDirError(GrpokitError):
     """A run directory is missing, incomplete, or would be overwritten."""
+
+
+class TrainingError(GrpokitError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the last checkpoint is intact."""

@@ -26,8 +26,21 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [{**row, "_line": lineno} for lineno, row in read_jsonl_lines(path)]
     except JsonLineError as exc:
         raise DataError(str(exc)) from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 (byte {exc.start}); re-encode the file as UTF-8") from None
+    except UnicodeDecodeError as exc:  # exc.object is the whole file, exc.start the offset in it
+        line = exc.object.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {exc.start} of the file); re-encode the file as UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the data file ({exc.strerror or exc})") from None
+
+
+def _check_messages(prompt: list, where: str, prompt_field: str) -> None:
+    """A list prompt is a chat: each message an object with a string role and a string content
+    (checked here, since the chat template would otherwise fail mid-run on a bad row)."""
+    for index, message in enumerate(prompt):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise DataError(f"{where}: {prompt_field}[{index}] is not a chat message; each needs a string 'role' "
+                            f"and a string 'content' (e.g. {{\"role\": \"user\", \"content\": \"...\"}}), got {message!r:.60}")
 
 
 def _normalise(rows: list[dict], source: str, prompt_field: str, answer_field: str) -> list[dict]:
@@ -36,8 +49,12 @@ def _normalise(rows: list[dict], source: str, prompt_field: str, answer_field: s
     for index, row in enumerate(rows):
         where = f"{source}:{row.pop('_line', index + 1)}"
         prompt = row.get(prompt_field)
-        if not isinstance(prompt, (str, list)) or not prompt:
+        if prompt_field not in row:
             raise DataError(f"{where}: row has no {prompt_field!r} field (a string or a list of chat messages); set data.prompt_field")
+        if not isinstance(prompt, (str, list)) or not prompt:
+            raise DataError(f"{where}: {prompt_field!r} is {prompt!r:.40}; expected a non-empty string or list of chat messages")
+        if isinstance(prompt, list):
+            _check_messages(prompt, where, prompt_field)
         item: dict[str, Any] = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
         item["prompt"] = prompt
         if answer_field in row:

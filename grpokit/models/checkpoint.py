@@ -1,33 +1,143 @@
-"""Checkpoints: safetensors weights (PEFT adapter format for LoRA) plus JSON state.
+"""Checkpoints: safetensors weights (PEFT adapter format for LoRA), JSON state, torch state files.
 
-A checkpoint is written into a temporary sibling directory and renamed into place, so a
-crash mid-write never replaces a finished checkpoint with a broken one.
+Writing is crash-safe at every instant:
+1. everything goes into a hidden staging directory beside the target, ``trainer_state.json``
+   last (its presence is what "complete" means), and every file is fsynced;
+2. the staging directory is renamed into place (atomic on POSIX) and the parent fsynced;
+3. only then does ``checkpoints/latest`` (a one-line file, itself replaced atomically)
+   point at it, and only then are checkpoints beyond the newest K deleted.
+A kill at any point leaves the previous checkpoint complete and ``latest`` naming a
+complete checkpoint. Optimiser and RNG state are ``torch.save`` files read back with
+``weights_only=True``: loading a checkpoint never unpickles arbitrary objects.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
+
+STATE_FILE = "trainer_state.json"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"step-(\d+)")
 
 
-def save_checkpoint(policy, directory: str | Path, state: dict) -> Path:
-    """Write model/adapter, tokenizer and ``trainer_state.json`` to ``directory`` atomically."""
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*"), reverse=True):
+        _fsync(path)
+    _fsync(root)
+
+
+def save_checkpoint(policy, directory: str | Path, state: dict, torch_state: dict[str, Any] | None = None) -> Path:
+    """Write model/adapter, tokenizer, ``<name>.pt`` per ``torch_state`` entry and ``trainer_state.json``
+    to ``directory`` atomically; an existing ``directory`` is replaced only once the new one is complete."""
+    import torch
+
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    trash = None
     try:
         policy.model.save_pretrained(staging, safe_serialization=True)
         policy.tokenizer.save_pretrained(staging)
-        (staging / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        for name, value in (torch_state or {}).items():
+            torch.save(value, staging / f"{name}.pt")
+        (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
+        _fsync_tree(staging)
         if directory.exists():
-            shutil.rmtree(directory)
+            trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+            os.replace(directory, trash / directory.name)
         os.replace(staging, directory)
+        _fsync(directory.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
     return directory
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / STATE_FILE).is_file()
+
+
+def step_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
+    """Complete ``step-N`` checkpoints, oldest first (staging and half-deleted dirs are ignored)."""
+    found = []
+    if checkpoints_dir.is_dir():
+        for path in checkpoints_dir.iterdir():
+            if (match := _STEP_DIR.fullmatch(path.name)) and path.is_dir() and is_complete(path):
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def publish_checkpoint(directory: Path, keep: int) -> None:
+    """Point ``latest`` at a complete checkpoint, then delete all but the newest ``keep`` and any
+    staging leftovers of an earlier crash."""
+    checkpoints_dir = directory.parent
+    tmp = checkpoints_dir / f".{LATEST}.tmp"
+    tmp.write_text(directory.name + "\n")
+    _fsync(tmp)
+    os.replace(tmp, checkpoints_dir / LATEST)
+    _fsync(checkpoints_dir)
+    complete = step_checkpoints(checkpoints_dir)
+    for _, old in complete[:-keep]:
+        if old != directory:
+            shutil.rmtree(old, ignore_errors=True)
+    for leftover in checkpoints_dir.glob(".step-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` names if it is complete, else the newest complete one, else None."""
+    pointer = checkpoints_dir / LATEST
+    if pointer.is_file():
+        named = checkpoints_dir / pointer.read_text().strip()
+        if _STEP_DIR.fullmatch(named.name) and is_complete(named):
+            return named
+    complete = step_checkpoints(checkpoints_dir)
+    return complete[-1][1] if complete else None
+
+
+def load_torch_state(directory: Path, name: str) -> Any:
+    """A ``<name>.pt`` state file, unpickled with ``weights_only=True`` (tensors and plain types only)."""
+    import torch
+
+    return torch.load(directory / f"{name}.pt", map_location="cpu", weights_only=True)
+
+
+def load_trained_weights(policy, directory: Path) -> None:
+    """Put a checkpoint's trained weights into an already built policy (adapter or full model)."""
+    from safetensors.torch import load_file
+
+    from grpokit.errors import ModelError
+
+    if policy.is_lora:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(policy.model, load_file(directory / "adapter_model.safetensors"))
+        unexpected = getattr(result, "unexpected_keys", [])
+    else:
+        weights = {}
+        for shard in sorted(directory.glob("model*.safetensors")):
+            weights.update(load_file(shard))
+        result = policy.model.load_state_dict(weights, strict=False)
+        tied = set(getattr(policy.model, "all_tied_weights_keys", None) or getattr(policy.model, "_tied_weights_keys", None) or [])
+        unexpected = list(result.unexpected_keys) + [k for k in result.missing_keys if k not in tied]
+    if unexpected:
+        raise ModelError(f"{directory}: checkpoint weights do not fit the model ({unexpected[:3]} ...)")
+    policy.sync_merged()
 
 
 def load_checkpoint(directory: str | Path, dtype=None, device: str = "cpu", attn_implementation: str = "auto"):
@@ -79,9 +189,6 @@ def load_checkpoint_policy(directory: str | Path, model_cfg):
         if not (directory / "config.json").is_file():
             raise ModelError(f"{directory}: not a checkpoint (no adapter_config.json or config.json)")
         return load_policy(model_cfg.model_copy(update={"path": str(directory), "lora": None}), beta=0.0)
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     adapter = json.loads(adapter_config.read_text())
     base_path = adapter.get("base_model_name_or_path")
     if not base_path:
@@ -90,9 +197,6 @@ def load_checkpoint_policy(directory: str | Path, model_cfg):
     lora = LoraConfig(r=adapter["r"], alpha=adapter["lora_alpha"], dropout=adapter.get("lora_dropout", 0.0),
                       target_modules=sorted(targets) if isinstance(targets, list) else targets)
     policy = load_policy(model_cfg.model_copy(update={"path": base_path, "lora": lora}), beta=0.0, merge_lora=True)
-    result = set_peft_model_state_dict(policy.model, load_file(directory / "adapter_model.safetensors"))
-    if getattr(result, "unexpected_keys", None):
-        raise ModelError(f"{directory}: adapter weights do not fit the base model ({result.unexpected_keys[:3]} ...)")
-    policy.sync_merged()
+    load_trained_weights(policy, directory)
     policy.model.eval()
     return policy

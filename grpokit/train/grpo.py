@@ -13,6 +13,7 @@ This module is the only place that knows the order of the stages.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -27,14 +28,18 @@ from grpokit import __version__
 from grpokit.algo.replay import ReplayBuffer
 from grpokit.config import Recipe, dump_recipe
 from grpokit.data import load_splits
+from grpokit.errors import DataError, TrainingError
 from grpokit.eval import EvalSettings, evaluate, metrics_line
-from grpokit.log import JsonlSink
+from grpokit.log import RunLogger, check_trackers
 from grpokit.models import Policy, load_policy, save_checkpoint
+from grpokit.models.checkpoint import STATE_FILE, load_trained_weights, publish_checkpoint
 from grpokit.rewards import RewardOrchestrator, RewardSet, build_orchestrator
-from grpokit.rollout import Rollouts, TorchSampler
+from grpokit.rollout import Rollouts, TorchSampler, encode_prompts
 from grpokit.train.batch import Batch, collect_batch, sample_round
-from grpokit.train.rundir import check_run_dir, now_iso, prepare_run_dir, write_json
+from grpokit.train.rundir import check_run_dir, find_resume_checkpoint, now_iso, prepare_run_dir, write_json
 from grpokit.train.schedule import build_optimizer
+from grpokit.train.signals import GracefulStop
+from grpokit.train.state import capture, restore
 from grpokit.train.update import policy_update
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,8 @@ class Run:
     orchestrator: RewardOrchestrator
     replay: ReplayBuffer | None = None
     cursor: int = 0
+    consecutive_skips: int = 0
+    skipped_updates: int = 0
 
 
 def setup(recipe: Recipe) -> Run:
@@ -66,8 +73,10 @@ def setup(recipe: Recipe) -> Run:
     torch.manual_seed(training.seed)
     train_rows, eval_rows = load_splits(recipe.data)
     rewards = RewardSet(recipe.rewards)  # before the model: a bad reward fails in a second
+    check_trackers(recipe.logging)
     policy = load_policy(recipe.model, recipe.algorithm.beta, recipe.rollout.merge_lora)
     rollout = recipe.rollout
+    check_prompt_lengths(policy.tokenizer, train_rows + eval_rows, recipe)
     generator = torch.Generator(policy.device).manual_seed(training.seed)
     sampler = TorchSampler(policy, rollout.max_completion_length, rollout.temperature, rollout.top_p, rollout.top_k, generator)
     rng = random.Random(training.seed)
@@ -76,6 +85,22 @@ def setup(recipe: Recipe) -> Run:
     replay = ReplayBuffer(recipe.algorithm.replay.capacity) if recipe.algorithm.replay.capacity else None
     orchestrator = build_orchestrator(rewards, recipe.reward_shaping)
     return Run(recipe, policy, rewards, sampler, train_rows, eval_rows, rng, order, orchestrator, replay)
+
+
+def check_prompt_lengths(tokenizer, rows: list[dict], recipe: Recipe) -> None:
+    """Count prompts over rollout.max_prompt_length once, up front: log them, or refuse the data."""
+    data, limit = recipe.data, recipe.rollout.max_prompt_length
+    ids, _ = encode_prompts(tokenizer, [r["prompt"] for r in rows], data.chat_template, data.system_prompt, 10**9)
+    over = [i for i, seq in enumerate(ids) if len(seq) > limit]
+    if not over:
+        return
+    first = rows[over[0]]["prompt"]
+    text = first if isinstance(first, str) else first[-1].get("content", "")
+    what = (f"{len(over)} of {len(rows)} prompts of {data.source} are longer than rollout.max_prompt_length = {limit} "
+            f"tokens (the first: {len(ids[over[0]])} tokens, {text[:60]!r})")
+    if recipe.rollout.prompt_overflow == "error":
+        raise DataError(f"{what}; raise rollout.max_prompt_length or set rollout.prompt_overflow: truncate")
+    log.warning("%s; they are cut from the left, keeping the end of each prompt", what)
 
 
 def next_prompts(run: Run, count: int) -> list[dict]:
@@ -105,74 +130,145 @@ def reward_metrics(rounds: list) -> dict[str, float]:
     return {**metrics, **rounds[0].shaping_metrics, **latency}
 
 
-def run_eval(run: Run, step: int, run_dir: Path, sink: JsonlSink) -> dict[str, Any]:
+def run_eval(run: Run, step: int, run_dir: Path, logger: RunLogger) -> dict[str, Any]:
     """Evaluate on the fixed held-out rows; write eval/step-N.json and an eval line."""
     result = evaluate(run.policy, run.eval_rows, run.rewards, EvalSettings.from_recipe(run.recipe))
     result["step"] = step
     log.info("eval at step %d: accuracy %.1f%% (%d held-out rows), mean reward %.3f",
              step, 100 * result["accuracy"], result["num_examples"], result["reward"])
     write_json(run_dir / "eval" / f"step-{step}.json", result)
-    sink.log({"step": step, "kind": "eval", **metrics_line(result)})
+    logger.metrics({"step": step, "kind": "eval", **metrics_line(result)})
     return result
 
 
-def write_samples(run: Run, step: int, batch: Batch, sink: JsonlSink) -> None:
+def write_samples(run: Run, step: int, batch: Batch, logger: RunLogger) -> None:
     """A few completions of the step's first round, spread over its groups, with their rewards."""
     rnd, G, k = batch.fresh[0], run.recipe.rollout.num_generations, run.recipe.logging.num_samples
-    for i in list(range(0, len(rnd.texts), max(1, len(rnd.texts) // k)))[:k]:
-        row = rnd.rows[i // G]
-        sink.log({"step": step, "prompt": row["prompt"], "completion": rnd.texts[i], "answer": row.get("answer"),
-                  "reward": rnd.rewards_N[i].item(), "rewards": {name: values[i] for name, values in rnd.parts.items()}})
+    picks = list(range(0, len(rnd.texts), max(1, len(rnd.texts) // k)))[:k]
+    logger.samples(step, [{"prompt": rnd.rows[i // G]["prompt"], "completion": rnd.texts[i],
+                           "answer": rnd.rows[i // G].get("answer"), "reward": rnd.rewards_N[i].item(),
+                           "rewards": {name: values[i] for name, values in rnd.parts.items()}} for i in picks])
 
 
-def train(recipe: Recipe, overwrite: bool = False, progress: ProgressFn | None = None) -> Path:
-    """Run the recipe end to end; return the run directory.
+def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progress: ProgressFn | None = None) -> Path:
+    """Run the recipe end to end (or on from its latest checkpoint); return the run directory.
 
     Data, rewards and model load before the run directory is touched, so bad input
     never leaves a half-written run behind (or deletes the old one under --overwrite).
+    SIGINT/SIGTERM end the run after the current step with a checkpoint (run.json
+    status "stopped"); ``resume=True`` continues it exactly.
     """
-    started, t_start = now_iso(), time.perf_counter()
-    check_run_dir(recipe.training.output_dir, overwrite)
-    run = setup(recipe)
-    run_dir = prepare_run_dir(recipe.training.output_dir, overwrite)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
-    run_info = {"status": "running", "started": started, "steps": 0, "model": recipe.model.path, "grpokit_version": __version__}
-    write_json(run_dir / "run.json", run_info)
+    t_start = time.perf_counter()
     training = recipe.training
+    resume_from = find_resume_checkpoint(training.output_dir, recipe) if resume else None
+    if resume_from is None:
+        check_run_dir(training.output_dir, overwrite)
+    run = setup(recipe)
     optimizer, scheduler = build_optimizer(run.policy.trainable_parameters(), training, recipe.algorithm.num_iterations)
-    metrics_sink, samples_sink = JsonlSink(run_dir / "metrics.jsonl"), JsonlSink(run_dir / "samples.jsonl")
-    run_eval(run, 0, run_dir, metrics_sink)
-    for step in range(1, training.max_steps + 1):
-        t0 = time.perf_counter()
-        batch = collect_batch(run, step, next_prompts)
-        t_generate = time.perf_counter() - t0
-        metrics = policy_update(run, optimizer, scheduler, batch.rollouts, batch.advantages_N)
-        step_time = time.perf_counter() - t0
-        rewards = reward_metrics(batch.fresh)
-        metrics_sink.log({"step": step, "kind": "train", **rewards, **batch.metrics, **metrics,
-                          **rollout_metrics(batch.rollouts, recipe, step_time), "generate_time_s": t_generate})
-        if progress:
-            progress(step, {"reward": rewards["reward"], "kl": metrics["kl"], "step_time_s": step_time})
-        if recipe.logging.samples_every and step % recipe.logging.samples_every == 0:
-            write_samples(run, step, batch, samples_sink)
-        if training.eval_every and step % training.eval_every == 0 and step != training.max_steps:
-            run_eval(run, step, run_dir, metrics_sink)
-        if training.save_every and step % training.save_every == 0 and step != training.max_steps:
-            save_checkpoint(run.policy, run_dir / "checkpoints" / f"step-{step}", trainer_state(run, step))
-    final = training.max_steps
-    if final > 0:
-        run_eval(run, final, run_dir, metrics_sink)
-    save_checkpoint(run.policy, run_dir / "checkpoints" / f"step-{final}", trainer_state(run, final))
-    metrics_sink.close()
-    samples_sink.close()
-    run_info.update(status="finished", finished=now_iso(), steps=final, wall_s=time.perf_counter() - t_start)
+    if resume_from is not None:
+        run_dir = resume_from.parent.parent
+        start, run_info = resume_run(run, optimizer, scheduler, resume_from)
+    else:
+        run_dir = prepare_run_dir(training.output_dir, overwrite)
+        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        run_info = {"status": "running", "started": now_iso(), "steps": 0, "model": recipe.model.path,
+                    "grpokit_version": __version__}
+        start = 0
+    write_json(run_dir / "run.json", run_info)
+    logger = None
+    prior_wall = run_info.get("wall_s", 0.0)
+
+    def checkpoint(step: int) -> None:
+        save_run_checkpoint(run, optimizer, scheduler, run_dir, step, prior_wall + time.perf_counter() - t_start)
+        run_info.update(steps=step)
+        write_json(run_dir / "run.json", run_info)
+
+    try:
+        logger = RunLogger(run_dir, recipe.logging, recipe.model_dump(mode="json"))
+        if start == 0:
+            run_eval(run, 0, run_dir, logger)
+        with GracefulStop() as stop:
+            for step in range(start + 1, training.max_steps + 1):
+                t0 = time.perf_counter()
+                batch = collect_batch(run, step, next_prompts)
+                t_generate = time.perf_counter() - t0
+                metrics = policy_update(run, optimizer, scheduler, batch.rollouts, batch.advantages_N)
+                count_skips(run, metrics, step)
+                step_time = time.perf_counter() - t0
+                rewards = reward_metrics(batch.fresh)
+                logger.metrics({"step": step, "kind": "train", **rewards, **batch.metrics, **metrics,
+                                  **rollout_metrics(batch.rollouts, recipe, step_time), "generate_time_s": t_generate})
+                if progress:
+                    progress(step, {"reward": rewards["reward"], "kl": metrics["kl"], "step_time_s": step_time})
+                if recipe.logging.samples_every and step % recipe.logging.samples_every == 0:
+                    write_samples(run, step, batch, logger)
+                if step == training.max_steps:
+                    break
+                if training.eval_every and step % training.eval_every == 0:
+                    run_eval(run, step, run_dir, logger)
+                if stop.requested or (training.save_every and step % training.save_every == 0):
+                    checkpoint(step)
+                if stop.requested:
+                    run_info.update(status="stopped", stopped=now_iso(), stop_signal=stop.requested)
+                    write_json(run_dir / "run.json", run_info)
+                    log.warning("stopped by %s after step %d with a checkpoint; continue with: "
+                                "grpokit train RECIPE --resume", stop.requested, step)
+                    return run_dir
+        final = training.max_steps
+        if final > start or final == 0:
+            run_eval(run, final, run_dir, logger)
+        checkpoint(final)
+    except BaseException as exc:
+        if logger is not None:
+            logger.close(failed=True)
+        run_info.update(status="failed", error=f"{type(exc).__name__}: {exc}", failed=now_iso())
+        write_json(run_dir / "run.json", run_info)
+        raise
+    logger.close()
+    run_info.update(status="finished", finished=now_iso(), steps=final, wall_s=prior_wall + time.perf_counter() - t_start)
     write_json(run_dir / "run.json", run_info)
     return run_dir
 
 
-def trainer_state(run: Run, step: int) -> dict[str, Any]:
-    """What a checkpoint records besides weights (JSON): the step and the reward orchestrator."""
-    return {"step": step, "reward_orchestrator": run.orchestrator.state_dict()}
+def count_skips(run: Run, metrics: dict[str, float], step: int) -> None:
+    """Count updates skipped for a non-finite loss or gradient; too many in a row end the run."""
+    limit = run.recipe.training.max_consecutive_skips
+    if not metrics.get("skipped_update"):
+        run.consecutive_skips = 0
+        return
+    run.consecutive_skips += 1
+    run.skipped_updates += 1
+    log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
+                step, run.consecutive_skips, run.skipped_updates)
+    if run.consecutive_skips >= limit:
+        raise TrainingError(
+            f"step {step}: the loss or gradient was not finite in {limit} consecutive steps "
+            f"(training.max_consecutive_skips); the weights are those of the last good update. Lower "
+            "training.learning_rate or check the rewards for extreme values, then resume or restart")
+
+
+def save_run_checkpoint(run: Run, optimizer, scheduler, run_dir: Path, step: int, wall_s: float) -> Path:
+    """Weights plus the whole training state, written atomically, then published as ``latest``."""
+    json_state, torch_state = capture(run, optimizer, scheduler, step)
+    json_state["wall_s"] = wall_s
+    directory = save_checkpoint(run.policy, run_dir / "checkpoints" / f"step-{step}", json_state, torch_state)
+    publish_checkpoint(directory, run.recipe.training.keep_checkpoints)
+    return directory
+
+
+def resume_run(run: Run, optimizer, scheduler, checkpoint: Path) -> tuple[int, dict[str, Any]]:
+    """Load a checkpoint's weights and state into a set-up run; return its step and run.json."""
+    run_dir = checkpoint.parent.parent
+    json_state = json.loads((checkpoint / STATE_FILE).read_text())
+    load_trained_weights(run.policy, checkpoint)
+    step = restore(run, optimizer, scheduler, checkpoint, json_state)
+    run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    run_info.update(status="running", steps=step, wall_s=json_state.get("wall_s", 0.0))
+    run_info.setdefault("resumed", []).append({"from_step": step, "at": now_iso()})
+    for key in ("error", "failed", "stopped", "stop_signal", "finished"):
+        run_info.pop(key, None)
+    log.info("resuming %s from %s (step %d of %d)", run_dir, checkpoint.name, step, run.recipe.training.max_steps)
+    return step, run_info
 
 
 def rollout_metrics(rollouts: Rollouts, recipe: Recipe, step_time: float) -> dict[str, float]:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from grpokit.errors import RunDirError
+
+log = logging.getLogger(__name__)
 
 
 def check_run_dir(output_dir: str, overwrite: bool) -> Path:
@@ -17,8 +23,8 @@ def check_run_dir(output_dir: str, overwrite: bool) -> Path:
         raise RunDirError(f"training.output_dir {run_dir} is a file, not a directory")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not overwrite:
         raise RunDirError(
-            f"{run_dir} already holds a run; pass --overwrite to replace it "
-            "or set training.output_dir (--set training.output_dir=runs/NAME) to keep it"
+            f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+            "or set training.output_dir (--set training.output_dir=runs/NAME) to keep it and start another"
         )
     return run_dir
 
@@ -42,3 +48,59 @@ def write_json(path: Path, payload: dict) -> None:
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# what a resumed run may change: how long it goes on and what it logs, never what it learns from
+RESUMABLE_CHANGES = ("training.max_steps", "training.eval_every", "training.save_every", "training.keep_checkpoints",
+                     "training.max_consecutive_skips", "training.num_threads", "eval.batch_size", "eval.num_samples",
+                     "logging.")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def recipe_changes(stored: dict, current: dict) -> list[str]:
+    """Recipe keys whose values differ, other than those a resume may change."""
+    old, new = _flatten(stored), _flatten(current)
+    return sorted(k for k in old.keys() | new.keys()
+                  if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES))
+
+
+def find_resume_checkpoint(output_dir: str, recipe) -> Path | None:
+    """The checkpoint ``--resume`` continues from; None when there is no run yet (a fresh start).
+
+    Refuses a directory that is not a grpokit run, a recipe that changed what the run
+    learns from, a run without a complete checkpoint, and a run that already finished.
+    """
+    from grpokit.config import dump_recipe
+    from grpokit.models.checkpoint import latest_checkpoint
+
+    run_dir = Path(output_dir)
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        log.info("--resume: nothing to resume in %s, starting a new run", run_dir)
+        return None
+    recipe_file = run_dir / "recipe.yaml"
+    if not recipe_file.is_file():
+        raise RunDirError(f"--resume: {run_dir} holds files but no recipe.yaml, so it is not a grpokit run; "
+                          "set training.output_dir to another directory")
+    changed = recipe_changes(yaml.safe_load(recipe_file.read_text()) or {}, yaml.safe_load(dump_recipe(recipe)))
+    if changed:
+        raise RunDirError(f"--resume: the recipe differs from the run's {recipe_file} at {', '.join(changed[:5])}"
+                          f"{' and more' if len(changed) > 5 else ''}; a resumed run must learn from the same recipe "
+                          "(only training.max_steps, eval/save cadence and logging may change). Use the run's recipe, "
+                          "or train into a new training.output_dir")
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    if checkpoint is None:
+        raise RunDirError(f"--resume: {run_dir} holds a run but no complete checkpoint (it stopped before its first "
+                          "save, see training.save_every); start it again with --overwrite")
+    step = int(checkpoint.name.split("-")[1])
+    if step >= recipe.training.max_steps:
+        raise RunDirError(f"--resume: {run_dir} already reached step {step} of training.max_steps = "
+                          f"{recipe.training.max_steps}; raise it (--set training.max_steps=N) to train further")
+    return checkpoint

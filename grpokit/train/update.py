@@ -8,6 +8,7 @@ forward + backward, each ending in one optimiser step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +70,7 @@ def policy_update(run, optimizer, scheduler, rollouts: Rollouts, advantages_N: t
     fill_fixed_logprobs(policy, micro_batches, need_ref=algo.beta > 0, need_old=algo.num_iterations > 1)
     epsilon_low, epsilon_high = algo.clip_range
     policy.model.train()
-    totals = dict.fromkeys(METRIC_KEYS + ("grad_norm", "lr"), 0.0)
+    totals = dict.fromkeys(METRIC_KEYS + ("grad_norm", "lr", "skipped_update"), 0.0)
     for _ in range(algo.num_iterations):
         for mb in micro_batches:
             share = mb.rows_n.numel() / norms.sequences
@@ -95,8 +96,11 @@ def policy_update(run, optimizer, scheduler, rollouts: Rollouts, advantages_N: t
         totals["lr"] += scheduler.get_last_lr()[0] / algo.num_iterations
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), training.max_grad_norm)
         totals["grad_norm"] += grad_norm.item() / algo.num_iterations
-        optimizer.step()
-        scheduler.step()
+        if math.isfinite(totals["loss"]) and torch.isfinite(grad_norm):
+            optimizer.step()
+            scheduler.step()
+        else:  # one NaN step would poison the weights and AdamW's moments for good
+            totals["skipped_update"] = 1.0
         optimizer.zero_grad(set_to_none=True)
     policy.sync_merged()  # the next rollout samples from the updated weights
     return totals

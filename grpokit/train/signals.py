@@ -1,0 +1,41 @@
+"""SIGINT/SIGTERM end a run cleanly: finish the step, write a checkpoint, exit 0.
+
+Schedulers (Slurm, Kubernetes, a laptop's Ctrl-C) send SIGTERM or SIGINT before they kill;
+the step in flight is finished instead of lost, and the run resumes exactly from there.
+A second signal while the first is being honoured aborts at once (KeyboardInterrupt), for
+a user who really means it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+log = logging.getLogger(__name__)
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class GracefulStop:
+    """Context manager: ``requested`` becomes the signal's name once SIGINT or SIGTERM arrives."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: finishing this step, then writing a checkpoint (send it again to abort now)",
+                    self.requested)
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

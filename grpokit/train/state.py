@@ -1,0 +1,84 @@
+"""Everything besides weights that a resumed run needs to continue as if never stopped.
+
+A run's future depends on: the optimiser moments and schedule position, where the data
+pass stands (the shuffled order and the cursor), every random stream (the data shuffler,
+the sampler's generator, Python's, NumPy's and torch's global generators), the reward
+orchestrator's running statistics, the replay buffer and the count of skipped updates.
+``capture`` turns that into JSON (small, human-readable) plus torch state files (tensors,
+loaded back with ``weights_only=True``); ``restore`` puts it back.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from grpokit.models.checkpoint import load_torch_state
+
+
+def _numpy_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _set_numpy_state(state: dict[str, Any]) -> None:
+    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"],
+                         state["has_gauss"], state["cached"]))
+
+
+def rng_state(run) -> dict[str, Any]:
+    state = {"python": random.getstate(), "data": run.rng.getstate(), "numpy": _numpy_state(),
+             "torch": torch.get_rng_state(), "sampler": run.sampler.generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(run, state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    run.rng.setstate(state["data"])
+    _set_numpy_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    run.sampler.generator.set_state(state["sampler"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def capture(run, optimizer, scheduler, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(json_state, torch_state)`` for a checkpoint after ``step``."""
+    json_state = {
+        "step": step,
+        "data": {"cursor": run.cursor, "order": run.order, "num_rows": len(run.train_rows)},
+        "reward_orchestrator": run.orchestrator.state_dict(),
+        "consecutive_skips": run.consecutive_skips,
+        "skipped_updates": run.skipped_updates,
+    }
+    torch_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(run)}
+    if run.replay is not None:
+        torch_state["replay"] = run.replay.state_dict()
+    return json_state, torch_state
+
+
+def restore(run, optimizer, scheduler, directory: Path, json_state: dict[str, Any]) -> int:
+    """Load the state a checkpoint recorded into a freshly set-up run; return its step."""
+    from grpokit.errors import RunDirError
+
+    data = json_state["data"]
+    if data["num_rows"] != len(run.train_rows):
+        raise RunDirError(f"{directory}: the run trained on {data['num_rows']} rows but the data now gives "
+                          f"{len(run.train_rows)}; resume with the same data, or start a new run")
+    run.cursor, run.order = data["cursor"], list(data["order"])
+    run.orchestrator.load_state_dict(json_state["reward_orchestrator"])
+    run.consecutive_skips = json_state.get("consecutive_skips", 0)
+    run.skipped_updates = json_state.get("skipped_updates", 0)
+    optimizer.load_state_dict(load_torch_state(directory, "optimizer"))
+    scheduler.load_state_dict(load_torch_state(directory, "scheduler"))
+    set_rng_state(run, load_torch_state(directory, "rng"))
+    if run.replay is not None and (directory / "replay.pt").is_file():
+        run.replay.load_state_dict(load_torch_state(directory, "replay"))
+    return json_state["step"]
