@@ -34,6 +34,8 @@ class LoraConfig(Section):
     """Dropout on the adapter input (0 keeps sampling and training identical)."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     """Module names to adapt (e.g. [q_proj, v_proj]) or "all-linear"."""
+    last_k_layers: int | None = Field(None, ge=1)
+    """Adapt only the last K transformer blocks (null: every block); fewer trainable weights, less memory."""
 
 
 class ModelConfig(Section):
@@ -50,6 +52,24 @@ class ModelConfig(Section):
     on short sequences), SDPA elsewhere."""
     trust_remote_code: bool = False
     """Allow a hub model's own Python code to run. Off unless you trust the source."""
+    adapter: str | None = None
+    """A LoRA adapter (e.g. from `grpokit sft`) merged into the base before training: the run starts
+    from that model, and with beta > 0 it is also the KL reference."""
+    freeze: list[str] = Field(default_factory=list)
+    """Regular expressions of module names to keep frozen (e.g. ["embed_tokens", "layers\\.[0-3]\\."]):
+    with LoRA no adapter goes there, with full fine-tuning their weights get no gradient."""
+
+    @field_validator("freeze")
+    @classmethod
+    def _patterns_compile(cls, value: list[str]) -> list[str]:
+        import re
+
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression ({exc})") from None
+        return value
 
 
 class DataConfig(Section):
@@ -305,13 +325,16 @@ class _SafeLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` (no Python objects, ever) whose bad scalars fail as YAML errors with a line.
 
     Plain SafeLoader raises a bare ValueError for ``2001-02-30`` (read as a date) or
-    ``!!int abc``, with no position; here they become ConstructorErrors at the node.
+    ``!!int abc`` and an IndexError for ``!!int ""``, with no position; here they become
+    ConstructorErrors at the node.
     """
 
     def construct_object(self, node, deep=False):
         try:
             return super().construct_object(node, deep)
-        except (ValueError, TypeError, OverflowError) as exc:
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - a constructor fails in many ways (IndexError for "!!int ")
             raise yaml.constructor.ConstructorError(
                 None, None, f"cannot read {node.value!r} as {node.tag.rsplit(':', 1)[-1]} ({exc}); quote it to keep it a string",
                 node.start_mark) from None

@@ -194,8 +194,10 @@ def load_checkpoint_policy(directory: str | Path, model_cfg):
     if not base_path:
         raise ModelError(f"{adapter_config}: no base_model_name_or_path; cannot find the base model")
     targets = adapter["target_modules"]
+    layers = adapter.get("layers_to_transform")
     lora = LoraConfig(r=adapter["r"], alpha=adapter["lora_alpha"], dropout=adapter.get("lora_dropout", 0.0),
-                      target_modules=sorted(targets) if isinstance(targets, list) else targets)
+                      target_modules=sorted(targets) if isinstance(targets, list) else targets,
+                      last_k_layers=len(layers) if isinstance(layers, list) else None)
     policy = load_policy(model_cfg.model_copy(update={"path": base_path, "lora": lora}), beta=0.0, merge_lora=True)
     load_trained_weights(policy, directory)
     policy.model.eval()

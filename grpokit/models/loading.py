@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,61 @@ def eos_token_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def last_layers(model, k: int | None) -> list[int] | None:
+    """Indices of the last ``k`` transformer blocks, for PEFT's ``layers_to_transform``."""
+    if k is None:
+        return None
+    total = model.config.num_hidden_layers
+    if k > total:
+        raise ModelError(f"model.lora.last_k_layers = {k}, but the model has only {total} transformer blocks")
+    return list(range(total - k, total))
+
+
+def lora_targets(model, lora) -> list[str] | str:
+    """The recipe's target modules; "all-linear" spelled out when PEFT needs names (with last_k_layers)."""
+    if lora.target_modules != "all-linear" or lora.last_k_layers is None:
+        return lora.target_modules
+    output = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and module is not output})
+
+
+def _matching(names: list[str], patterns: list[str]) -> list[str]:
+    for pattern in patterns:
+        if not any(re.search(pattern, name) for name in names):
+            raise ModelError(f"model.freeze: {pattern!r} matches no module of the model "
+                             f"(names look like {names[len(names) // 2]!r})")
+    return [name for name in names if any(re.search(p, name) for p in patterns)]
+
+
+def frozen_modules_regex(model, patterns: list[str]) -> str | None:
+    """PEFT's ``exclude_modules`` (a full-match regex): no adapter on modules matching a pattern."""
+    if not patterns:
+        return None
+    _matching([name for name, _ in model.named_modules() if name], patterns)
+    return "|".join(f".*(?:{p}).*" for p in patterns)
+
+
+def freeze_parameters(model, patterns: list[str]) -> None:
+    """Full fine-tuning: parameters whose names match a pattern get no gradient."""
+    if patterns:
+        frozen = set(_matching([name for name, _ in model.named_parameters()], patterns))
+        for name, param in model.named_parameters():
+            if name in frozen:
+                param.requires_grad_(False)
+
+
+def merge_adapter(model, adapter: str):
+    """Fold a LoRA adapter (an SFT warm start) into the base weights: the new starting model."""
+    from peft import PeftModel
+
+    directory = Path(adapter).expanduser()
+    if not (directory / "adapter_config.json").is_file():
+        raise ModelError(f"model.adapter {adapter!r}: no adapter_config.json there; pass the directory "
+                         "`grpokit sft` wrote (e.g. runs/sft/adapter) or a PEFT adapter")
+    return PeftModel.from_pretrained(model, directory).merge_and_unload()
+
+
 def wrap_policy(model, tokenizer, model_cfg, beta: float, device: torch.device, merge_lora: bool = False) -> Policy:
     """Add LoRA (or keep full fine-tuning), pick the reference, and bundle it all as a Policy."""
     dtype = DTYPES[model_cfg.dtype]
@@ -140,11 +196,14 @@ def wrap_policy(model, tokenizer, model_cfg, beta: float, device: torch.device, 
             merged = copy.deepcopy(model).eval().requires_grad_(False)
         config = LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=lora.target_modules, task_type="CAUSAL_LM",
+            target_modules=lora_targets(model, lora), task_type="CAUSAL_LM",
+            layers_to_transform=last_layers(model, lora.last_k_layers),
+            exclude_modules=frozen_modules_regex(model, model_cfg.freeze),
         )
         model = get_peft_model(model, config)  # adapters stay fp32 (autocast_adapter_dtype)
     else:
         model = model.to(device=device, dtype=torch.float32)
+        freeze_parameters(model, model_cfg.freeze)
         if beta > 0:
             reference = copy.deepcopy(model).to(dtype=dtype).eval().requires_grad_(False)
     model.config.use_cache = True
@@ -165,4 +224,6 @@ def load_policy(model_cfg, beta: float, merge_lora: bool = False) -> Policy:
     except OSError as exc:
         raise ModelError(f"model.path {model_cfg.path!r}: cannot load ({exc})") from None
     tokenizer.padding_side = "left"
+    if model_cfg.adapter:
+        model = merge_adapter(model, model_cfg.adapter)
     return wrap_policy(model, tokenizer, model_cfg, beta, device, merge_lora)
