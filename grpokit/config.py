@@ -318,6 +318,87 @@ class Recipe(Section):
         return self.eval.accuracy_reward or self.rewards[0].name
 
 
+class SupervisedDataConfig(Section):
+    source: str
+    """A .jsonl file: chat samples ({"messages": [...]}, or prompt + completion) for SFT;
+    preference pairs ({"prompt", "chosen", "rejected"}, TRL's format) for a reward model."""
+    messages_field: str = "messages"
+    """SFT: the column holding the chat messages."""
+    eval_size: int = Field(32, ge=0)
+    """Rows held out (seeded) to report loss / preference accuracy on."""
+    seed: int = 1234
+    """Seed for holding out the eval rows."""
+    system_prompt: str | None = None
+    """Optional system message put before each sample that has none."""
+
+
+class SupervisedTrainingConfig(Section):
+    learning_rate: float = Field(2e-4, gt=0)
+    """Peak AdamW learning rate."""
+    epochs: int = Field(3, ge=1)
+    """Passes over the training rows (max_steps, when set, stops earlier)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimiser steps."""
+    batch_size: int = Field(8, ge=1)
+    """Samples (or pairs) per optimiser step."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches per step (lower memory, same result)."""
+    max_length: int = Field(512, ge=8)
+    """Tokens per sample; longer samples are cut (from the left for prompts, keeping the answer)."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warmup steps."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradients are clipped to this global norm."""
+    loss_threshold: float | None = Field(None, gt=0)
+    """Early stop once the mean training loss of the last eval_every steps falls below this."""
+    eval_every: int = Field(20, ge=0)
+    """Held-out loss / accuracy every N steps (0: only at the end)."""
+    seed: int = 0
+    """Seed for shuffling and initialisation."""
+    output_dir: str = "runs/sft"
+    """Where the adapter (or model), metrics.jsonl and run.json go."""
+    num_threads: int | None = Field(None, ge=1)
+    """CPU threads for torch (default: torch's own choice)."""
+
+
+class RewardHeadConfig(Section):
+    kind: Literal["linear", "mlp"] = "linear"
+    """A linear head, or a small MLP (hidden -> ReLU -> 1), on the last token's hidden state."""
+    hidden: int = Field(256, ge=1)
+    """Width of the MLP head."""
+    margin: float = Field(0.0, ge=0)
+    """Bradley-Terry margin: loss = -log sigmoid(r_chosen - r_rejected - margin)."""
+
+
+class SftRecipe(Section):
+    """`grpokit sft RECIPE`: supervised warm start on chat samples, assistant tokens only."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The model to fine-tune (LoRA by default)."""
+    data: SupervisedDataConfig
+    """The chat samples."""
+    training: SupervisedTrainingConfig = Field(default_factory=SupervisedTrainingConfig)
+    """The optimisation loop."""
+
+
+class RewardModelRecipe(Section):
+    """`grpokit reward-model RECIPE`: a scalar head on a base LM, Bradley-Terry on preference pairs."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The base LM (LoRA by default)."""
+    data: SupervisedDataConfig
+    """The preference pairs."""
+    head: RewardHeadConfig = Field(default_factory=RewardHeadConfig)
+    """The scalar head and the loss margin."""
+    training: SupervisedTrainingConfig = Field(
+        default_factory=lambda: SupervisedTrainingConfig(learning_rate=1e-4, epochs=2, output_dir="runs/reward-model"))
+    """The optimisation loop."""
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -377,9 +458,9 @@ def _key_lines(text: str) -> dict[tuple, int]:
     return lines
 
 
-def _section_fields(loc: tuple) -> list[str]:
+def _section_fields(loc: tuple, schema: type[BaseModel] = None) -> list[str]:
     """Valid field names of the schema section that holds the key at ``loc``."""
-    model: Any = Recipe
+    model: Any = schema or Recipe
     for part in loc[:-1]:
         if isinstance(part, int):
             continue
@@ -394,7 +475,8 @@ def _section_fields(loc: tuple) -> list[str]:
     return list(model.model_fields) if model is not None else []
 
 
-def _format_errors(err: ValidationError, origin: str, lines: dict[tuple, int], overrides: dict[tuple, str]) -> str:
+def _format_errors(err: ValidationError, origin: str, lines: dict[tuple, int], overrides: dict[tuple, str],
+                   schema: type[BaseModel] = None) -> str:
     messages = []
     for item in err.errors():
         loc = tuple(part for part in item["loc"] if not (isinstance(part, str) and part.startswith("function-after")))
@@ -409,7 +491,7 @@ def _format_errors(err: ValidationError, origin: str, lines: dict[tuple, int], o
         else:
             where = origin
         if item["type"] == "extra_forbidden":
-            valid = _section_fields(loc)
+            valid = _section_fields(loc, schema)
             near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
             hint = f"did you mean {'.'.join([*map(str, loc[:-1]), near[0]])!r}?" if near else f"valid keys here: {', '.join(valid)}"
             messages.append(f"{where}: unknown key {key!r}; {hint}")
@@ -456,8 +538,11 @@ def _apply_override(data: dict, path: tuple, value: Any, text: str) -> None:
     node[path[-1]] = value
 
 
-def recipe_from_dict(data: Any, origin: str = "<recipe>", text: str = "", overrides: list[str] = ()) -> Recipe:
-    """Validate a recipe mapping (after applying ``--set`` overrides) into a Recipe."""
+def recipe_from_dict(data: Any, origin: str = "<recipe>", text: str = "", overrides: list[str] = (),
+                     schema: type[BaseModel] = None) -> Any:
+    """Validate a recipe mapping (after applying ``--set`` overrides) into ``schema`` (a GRPO Recipe
+    by default; SftRecipe and RewardModelRecipe for the other stages)."""
+    schema = schema or Recipe
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -466,14 +551,14 @@ def recipe_from_dict(data: Any, origin: str = "<recipe>", text: str = "", overri
     for path, value, raw in parsed:
         _apply_override(data, path, value, raw)
     try:
-        return Recipe.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as err:
-        raise RecipeError(_format_errors(err, origin, _key_lines(text), {p: raw for p, _, raw in parsed})) from None
+        raise RecipeError(_format_errors(err, origin, _key_lines(text), {p: raw for p, _, raw in parsed}, schema)) from None
     except RecursionError:
         raise RecipeError(f"{origin}: the recipe nests too deeply (or an alias *x sits inside its own anchor &x)") from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] = (), schema: type[BaseModel] = None) -> Any:
     """Read, override and validate a YAML recipe; every failure is a RecipeError for people."""
     path = Path(path)
     try:
@@ -488,9 +573,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise RecipeError(f"{where}: malformed YAML: {getattr(exc, 'problem', exc)}") from None
-    return recipe_from_dict(data, origin=str(path), text=text, overrides=overrides)
+    return recipe_from_dict(data, origin=str(path), text=text, overrides=overrides, schema=schema)
 
 
-def dump_recipe(recipe: Recipe) -> str:
+def dump_recipe(recipe: BaseModel) -> str:
     """The resolved recipe as YAML: every default filled in, so a run can be repeated from it."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
