@@ -220,8 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--names", nargs="+", help="column names, one per source")
     compare.set_defaults(func=cmd_compare)
     from grpokit.data.commands import add_data_commands
+    from grpokit.generate import add_generate_command
 
     add_data_commands(sub)
+    add_generate_command(sub)
     rewards = sub.add_parser("rewards", help="work with a recipe's reward functions")
     rewards_sub = rewards.add_subparsers(dest="rewards_command", required=True)
     check = rewards_sub.add_parser("check", help="score given completions and print a per-component table")

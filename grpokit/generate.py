@@ -9,6 +9,8 @@ would mix their random draws (the sampler draws from one generator for the whole
 and change their logits at rounding level (padding to a common width), so the same row
 could come out differently in a resumed or re-batched job. The batch size is therefore
 the number of rows written together (appended, flushed and fsynced), not a decode width.
+The price: on an H100 a 135M model sampled 7x fewer tokens per second than with 8 rows
+(64 sequences) per batch.
 
 Resuming: ``FILE.meta.json`` records the settings that decide the lines; a later run with
 the same settings verifies the lines already written (their prompts against the data),
