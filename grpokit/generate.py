@@ -233,7 +233,7 @@ def generate_file(model: str, out: str | Path, num_generations: int, *, recipe_p
     if not resuming:
         write_json(meta_path(out), meta)
         out.write_bytes(b"")  # a file without its sidecar's job must not be appended to
-    policy, reward_set = _load(target, model, recipe, rewards)
+    policy, reward_set = _load(target, recipe, rewards)
     with out.open("ab") as handle:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
@@ -254,19 +254,15 @@ def generate_file(model: str, out: str | Path, num_generations: int, *, recipe_p
     return result
 
 
-def _load(target, model: str, recipe, with_rewards: bool):
+def _load(target, recipe, with_rewards: bool):
     """The policy (as ``grpokit eval`` builds it) and, with ``--rewards``, the recipe's rewards."""
-    from grpokit.models import load_checkpoint_policy, load_policy
+    from grpokit.eval.standalone import load_target_policy
     from grpokit.rewards import RewardSet
 
     reward_set = RewardSet(recipe.rewards) if with_rewards else None
     if reward_set and "total" in reward_set.names:
         raise GenerateError("a reward named 'total' would clash with the total in each line's rewards; rename it")
-    if target.checkpoint is not None:
-        policy = load_checkpoint_policy(target.checkpoint, recipe.model)
-    else:
-        policy = load_policy(recipe.model.model_copy(update={"path": model, "lora": None}), beta=0.0)
-    return policy, reward_set
+    return load_target_policy(target, recipe), reward_set
 
 
 @contextmanager

@@ -56,6 +56,16 @@ def default_name(recipe, target: Target, num_generations: int) -> str:
     return f"{name}-k{num_generations}" if num_generations else name
 
 
+def load_target_policy(target: Target, recipe):
+    """The policy to decode with: a checkpoint rebuilt as training built it, or a plain model
+    (the recipe's dtype, device and attention; no adapters)."""
+    from grpokit.models import load_checkpoint_policy, load_policy
+
+    if target.checkpoint is not None:
+        return load_checkpoint_policy(target.checkpoint, recipe.model)
+    return load_policy(recipe.model.model_copy(update={"path": target.model, "lora": None}), beta=0.0)
+
+
 def load_eval_recipe(target: Target, recipe_path: str | None, overrides: list[str]):
     from grpokit.config import load_recipe
 
@@ -79,7 +89,6 @@ def run_evaluation(model: str, *, recipe_path: str | None = None, overrides: lis
     """Evaluate and write ``eval/<name>.json`` (in the run dir, or ./eval); return its path and the result."""
     from grpokit.data import load_splits
     from grpokit.eval.runner import EvalSettings, evaluate
-    from grpokit.models import load_checkpoint_policy, load_policy
     from grpokit.rewards import RewardSet
     from grpokit.train.rundir import write_json
 
@@ -95,10 +104,7 @@ def run_evaluation(model: str, *, recipe_path: str | None = None, overrides: lis
     _, rows = load_splits(recipe.data)
     rows = rows[:limit] if limit else rows
     rewards = RewardSet(recipe.rewards)
-    if target.checkpoint is not None:
-        policy = load_checkpoint_policy(target.checkpoint, recipe.model)
-    else:
-        policy = load_policy(recipe.model.model_copy(update={"path": model, "lora": None}), beta=0.0)
+    policy = load_target_policy(target, recipe)
     result = {"name": name, "model": str(target.checkpoint or model), "data": recipe.data.source,
               **evaluate(policy, rows, rewards, EvalSettings.from_recipe(recipe))}
     write_json(destination, result)
