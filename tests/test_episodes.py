@@ -66,7 +66,7 @@ def test_file_level_errors(tmp_path):
     with pytest.raises(DataError, match=r"e.jsonl:2: episode_id 'a' is already used on line 1"):
         load_episodes(path)
     path.write_bytes(b'{"episode_id": "\xff"}\n')
-    with pytest.raises(DataError, match=r"e.jsonl: not valid UTF-8 \(byte 16\)"):
+    with pytest.raises(DataError, match=r"e.jsonl:1: not valid UTF-8 \(byte 16 of the file\)"):
         load_episodes(path)
     path.write_text("\n")
     with pytest.raises(DataError, match="no episodes"):

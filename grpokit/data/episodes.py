@@ -25,7 +25,6 @@ from typing import Any, Iterable, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from grpokit.errors import DataError
-from grpokit.jsonio import JsonLineError, read_jsonl_lines
 
 # strict: JSON "true"/"1" is not a bool and "3" is not an int; a typo'd key is an error
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -90,15 +89,9 @@ def validation_message(exc: ValidationError) -> str:
 
 def read_json_objects(path: str | Path) -> list[tuple[int, dict]]:
     """``(line, object)`` pairs of a JSONL file, every failure a DataError naming file:line."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        return read_jsonl_lines(path)
-    except JsonLineError as exc:
-        raise DataError(str(exc)) from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not valid UTF-8 (byte {exc.start}); re-encode the file as UTF-8") from None
+    from grpokit.data.loaders import read_json_lines
+
+    return read_json_lines(path, what="file")
 
 
 def load_episodes(path: str | Path) -> list[Episode]:

@@ -17,20 +17,25 @@ from grpokit.jsonio import JsonLineError, read_jsonl_lines
 DEFAULT_TASK_SIZE = 2000
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSON-lines file; each row remembers its line (``_line``) for later errors."""
+def read_json_lines(path: str | Path, what: str = "data file") -> list[tuple[int, dict]]:
+    """``(line, object)`` pairs of a JSON-lines file; every failure is a DataError naming file:line."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: data file not found")
+        raise DataError(f"{path}: {what} not found")
     try:
-        return [{**row, "_line": lineno} for lineno, row in read_jsonl_lines(path)]
+        return read_jsonl_lines(path)
     except JsonLineError as exc:
         raise DataError(str(exc)) from None
     except UnicodeDecodeError as exc:  # exc.object is the whole file, exc.start the offset in it
         line = exc.object.count(b"\n", 0, exc.start) + 1
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte {exc.start} of the file); re-encode the file as UTF-8") from None
     except OSError as exc:
-        raise DataError(f"{path}: cannot read the data file ({exc.strerror or exc})") from None
+        raise DataError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read a JSON-lines file; each row remembers its line (``_line``) for later errors."""
+    return [{**row, "_line": lineno} for lineno, row in read_json_lines(path)]
 
 
 def _check_messages(prompt: list, where: str, prompt_field: str) -> None:

@@ -112,9 +112,19 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
 
 def load_torch_state(directory: Path, name: str) -> Any:
     """A ``<name>.pt`` state file, unpickled with ``weights_only=True`` (tensors and plain types only)."""
+    import pickle
+
     import torch
 
-    return torch.load(directory / f"{name}.pt", map_location="cpu", weights_only=True)
+    from grpokit.errors import RunDirError
+
+    path = directory / f"{name}.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        raise RunDirError(f"{path}: refused ({type(exc).__name__}): not a plain tensor state file, or damaged; "
+                          "grpokit never runs code from a checkpoint. Remove this checkpoint directory to resume "
+                          "from an earlier one, or start the run again with --overwrite") from None
 
 
 def load_trained_weights(policy, directory: Path) -> None:

@@ -89,7 +89,14 @@ def find_resume_checkpoint(output_dir: str, recipe) -> Path | None:
     if not recipe_file.is_file():
         raise RunDirError(f"--resume: {run_dir} holds files but no recipe.yaml, so it is not a grpokit run; "
                           "set training.output_dir to another directory")
-    changed = recipe_changes(yaml.safe_load(recipe_file.read_text()) or {}, yaml.safe_load(dump_recipe(recipe)))
+    try:
+        stored = yaml.safe_load(recipe_file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
+        raise RunDirError(f"--resume: cannot read the run's {recipe_file} ({type(exc).__name__}); "
+                          "restore it, or start a new run with --overwrite") from None
+    if not isinstance(stored, dict):
+        raise RunDirError(f"--resume: the run's {recipe_file} is not a recipe mapping; restore it, or use --overwrite")
+    changed = recipe_changes(stored, yaml.safe_load(dump_recipe(recipe)))
     if changed:
         raise RunDirError(f"--resume: the recipe differs from the run's {recipe_file} at {', '.join(changed[:5])}"
                           f"{' and more' if len(changed) > 5 else ''}; a resumed run must learn from the same recipe "
