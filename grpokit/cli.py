@@ -222,8 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     from grpokit.data.commands import add_data_commands
     from grpokit.generate import add_generate_command
 
+    from grpokit.reward_model import add_reward_model_command
+    from grpokit.sft import add_sft_command
+
     add_data_commands(sub)
     add_generate_command(sub)
+    add_sft_command(sub)
+    add_reward_model_command(sub)
     rewards = sub.add_parser("rewards", help="work with a recipe's reward functions")
     rewards_sub = rewards.add_subparsers(dest="rewards_command", required=True)
     check = rewards_sub.add_parser("check", help="score given completions and print a per-component table")

@@ -26,3 +26,9 @@ def build_orchestrator(rewards: RewardSet, shaping) -> RewardOrchestrator:
         curriculum=[Stage(s.step, dict(s.weights)) for s in shaping.curriculum],
         max_consecutive_failures=shaping.max_consecutive_failures,
     )
+
+
+# a trained reward model as a reward: {name: reward_model, args: {path: runs/reward-model}}
+from grpokit.reward_model import reward_model as _reward_model  # noqa: E402 - light; loads the model on first call
+
+register("reward_model")(_reward_model)

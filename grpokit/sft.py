@@ -1,0 +1,348 @@
+"""``grpokit sft``: supervised fine-tuning on chat samples, the loss on the assistant's tokens only.
+
+The warm start before GRPO: teach the format (and what can be imitated) with SFT, then
+reinforce from there with ``model.adapter: <output_dir>/adapter`` in a GRPO recipe.
+
+- Data: TRL's conversational format, ``{"messages": [system?, user, assistant, ...]}``
+  (what ``grpokit data sft`` writes), or ``{"prompt", "completion"}`` with strings or
+  message lists. Every row is checked up front; errors name file:line.
+- Tokens: the tokenizer's chat template. Which tokens are the assistant's is found by
+  rendering the conversation up to each assistant turn: ``messages[:i]`` with the
+  generation prompt ends where turn i's content starts, ``messages[:i+1]`` ends after
+  it; the tokens of the text in between are labelled, up to and including the template's
+  end-of-turn token (what the model must learn to stop with) and nothing after it. This
+  needs no ``{% generation %}`` markers (SmolLM2's template has none). Each piece is
+  tokenized on its own, exactly as the prompt and the generated reply are at GRPO time.
+- Loss: mean cross-entropy over every assistant token of the batch (TRL's SFT default,
+  ``assistant_only_loss=True``). Only labelled positions go through the LM head, as one
+  2-D matmul, in row chunks (``rollout/logprobs.py`` explains why).
+- Length: samples longer than ``training.max_length`` lose tokens from the left (old
+  context first), keeping the last assistant reply whole; a reply longer than that alone
+  keeps a little context and the reply's start.
+- Output: LoRA -> ``<output_dir>/adapter/`` (PEFT, safetensors); full fine-tuning ->
+  ``<output_dir>/model/`` (a transformers model dir, usable as ``model.path``); both with
+  the tokenizer, written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from grpokit.errors import DataError, RecipeError
+
+log = logging.getLogger(__name__)
+
+CE_CHUNK_ROWS = 1024  # label positions whose logits exist at once (x vocab x 4 bytes in fp32)
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def check_chat(value: Any, where: str, name: str) -> list[dict]:
+    """A non-empty list of chat messages, each with a string ``role`` and ``content``."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: {name!r} must be a non-empty list of chat messages, got {value!r:.60}")
+    for index, message in enumerate(value):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise DataError(f"{where}: {name}[{index}] is not a chat message; each needs a string 'role' and a "
+                            f"string 'content' (e.g. {{\"role\": \"assistant\", \"content\": \"...\"}}), "
+                            f"got {message!r:.60}")
+    return value
+
+
+def as_chat(value: Any, role: str, where: str, name: str) -> list[dict]:
+    """A string as one message of ``role``; a message list checked and copied."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    if not isinstance(value, list):
+        raise DataError(f"{where}: {name!r} must be a string or a list of chat messages, got {value!r:.60}")
+    return list(check_chat(value, where, name))
+
+
+def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
+def conversation_of(row: dict, messages_field: str, where: str) -> list[dict]:
+    """One row as a conversation: its ``messages_field`` list, or prompt + completion."""
+    if messages_field in row:
+        messages = list(check_chat(row[messages_field], where, messages_field))
+    elif "prompt" in row and "completion" in row:
+        messages = as_chat(row["prompt"], "user", where, "prompt") + as_chat(row["completion"], "assistant", where,
+                                                                               "completion")
+    else:
+        keys = sorted(k for k in row if k != "_line")
+        raise DataError(f"{where}: a sample needs {messages_field!r} (a list of chat messages) or 'prompt' and "
+                        f"'completion'; this row has {keys} (set data.messages_field if the messages are elsewhere)")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: no assistant turn, so nothing to learn (the loss is on assistant tokens only)")
+    return messages
+
+
+def load_conversations(data) -> list[tuple[str, list[dict]]]:
+    """``(file:line, messages)`` per row of ``data.source``, system prompt added where asked."""
+    from grpokit.data.loaders import read_jsonl
+
+    rows = read_jsonl(data.source)
+    if not rows:
+        raise DataError(f"{data.source}: the file holds no samples")
+    out = []
+    for row in rows:
+        where = f"{data.source}:{row['_line']}"
+        out.append((where, with_system(conversation_of(row, data.messages_field, where), data.system_prompt)))
+    return out
+
+
+# ---------------------------------------------------------------------------- tokens
+
+
+@dataclass
+class SftExample:
+    ids: list[int]
+    labels: list[bool]  # True where the token is one the model learns to say
+    where: str
+
+    @property
+    def num_labels(self) -> int:
+        return sum(self.labels[1:])  # the first token has nothing before it to predict it
+
+
+def _render(tokenizer, messages: list[dict], where: str, generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as exc:  # jinja raises its own errors (e.g. a template that requires alternating roles)
+        raise DataError(f"{where}: the tokenizer's chat template failed on this conversation "
+                        f"({type(exc).__name__}: {exc})") from None
+
+
+def encode_conversation(tokenizer, messages: list[dict], end_ids: list[int], where: str = "<sample>"
+                        ) -> tuple[list[int], list[bool]]:
+    """Token ids of the rendered conversation and, per token, whether it is an assistant token.
+
+    For each assistant turn i: the text from where the previous turn's rendering ended to
+    the end of ``render(messages[:i], add_generation_prompt=True)`` is context; the text
+    from there to the end of ``render(messages[:i+1])`` is the reply, labelled up to and
+    including its last end-of-turn token (``end_ids``). Messages after the last assistant
+    turn are left out: they carry no loss.
+    """
+    if tokenizer.chat_template is None:
+        raise DataError(f"{where}: the tokenizer has no chat template; SFT renders conversations with it")
+
+    def tokenize(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    ids: list[int] = []
+    labels: list[bool] = []
+    done = ""  # the rendered text already turned into tokens
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], where, generation_prompt=True)
+        after = _render(tokenizer, messages[:i + 1], where)
+        if not (before.startswith(done) and after.startswith(before)):
+            raise DataError(f"{where}: the chat template does not render this conversation turn by turn (the "
+                            f"text up to assistant turn {i} is not a prefix of the text after it), so the "
+                            "assistant's tokens cannot be told apart; use a template that renders incrementally")
+        context, reply = tokenize(before[len(done):]), tokenize(after[len(before):])
+        ends = [k for k, token in enumerate(reply) if token in end_ids]
+        learned = ends[-1] + 1 if ends else len(reply)  # the end-of-turn token, not the newline after it
+        ids += context + reply
+        labels += [False] * len(context) + [True] * learned + [False] * (len(reply) - learned)
+        done = after
+    return ids, labels
+
+
+def fit_length(ids: list[int], labels: list[bool], max_length: int) -> tuple[list[int], list[bool], bool]:
+    """Drop trailing unlabelled tokens, then cut to ``max_length``; also say whether tokens were cut.
+
+    Cut from the left when the last reply fits (old context goes first); otherwise keep up
+    to a quarter of ``max_length`` of context before the last reply and the reply's start.
+    """
+    end = max(k for k, label in enumerate(labels) if label) + 1
+    ids, labels = ids[:end], labels[:end]
+    if len(ids) <= max_length:
+        return ids, labels, False
+    start = end - 1
+    while start > 0 and labels[start - 1]:
+        start -= 1  # the first token of the last reply
+    if end - start < max_length:
+        return ids[-max_length:], labels[-max_length:], True
+    first = start - min(start, max_length // 4)
+    return ids[first:first + max_length], labels[first:first + max_length], True
+
+
+def encode_examples(tokenizer, conversations: list[tuple[str, list[dict]]], max_length: int,
+                    end_ids: list[int]) -> tuple[list[SftExample], int]:
+    """Every conversation as an ``SftExample``, and how many were cut to ``max_length``."""
+    examples, cut = [], 0
+    for where, messages in conversations:
+        ids, labels = encode_conversation(tokenizer, messages, end_ids, where)
+        ids, labels, was_cut = fit_length(ids, labels, max_length)
+        cut += was_cut
+        examples.append(SftExample(ids, labels, where))
+    return examples, cut
+
+
+def pad_right(sequences: list[list], pad: Any):
+    """Rows padded on the right to the longest: ``(values [N, L], attention mask [N, L])``."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    values = torch.tensor([list(s) + [pad] * (width - len(s)) for s in sequences])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    return values, mask
+
+
+# ---------------------------------------------------------------------------- loss
+
+
+def token_cross_entropy(policy, examples: list[SftExample]):
+    """Summed cross-entropy over the batch's assistant tokens (a tensor), how many the model
+    predicts right (argmax), and how many there are."""
+    import torch
+    import torch.nn.functional as F
+
+    from grpokit.rollout.logprobs import backbone_and_head
+
+    backbone, head = backbone_and_head(policy.model)
+    pad = policy.tokenizer.pad_token_id
+    ids_NL, mask_NL = pad_right([e.ids for e in examples], pad)
+    labels_NL, _ = pad_right([e.labels for e in examples], False)
+    ids_NL, mask_NL, labels_NL = ids_NL.to(policy.device), mask_NL.to(policy.device), labels_NL.to(policy.device)
+    with policy.autocast():
+        hidden_NLH = backbone(input_ids=ids_NL, attention_mask=mask_NL, use_cache=False).last_hidden_state
+        # position t predicts token t+1: only positions followed by an assistant token reach the head
+        predicts_NL1 = labels_NL[:, 1:]  # [N, L-1] bool
+        hidden_MH = hidden_NLH[:, :-1][predicts_NL1]  # [M, H]
+        targets_M = ids_NL[:, 1:][predicts_NL1]  # [M]
+        total = hidden_MH.new_zeros((), dtype=torch.float32)
+        correct = 0
+        for start in range(0, targets_M.numel(), CE_CHUNK_ROWS):
+            logits_mV = head(hidden_MH[start:start + CE_CHUNK_ROWS]).float()  # [m, V]
+            target_m = targets_M[start:start + CE_CHUNK_ROWS]
+            total = total + F.cross_entropy(logits_mV, target_m, reduction="sum")
+            correct += (logits_mV.argmax(-1) == target_m).sum().item()
+    return total, correct, targets_M.numel()
+
+
+def sft_loss(policy, examples: list[SftExample]):
+    """Mean token cross-entropy of a micro-batch, and its token accuracy."""
+    total, correct, count = token_cross_entropy(policy, examples)
+    count = max(count, 1)
+    return total / count, {"token_accuracy": correct / count}
+
+
+def held_out_loss(policy, examples: list[SftExample], batch_size: int) -> dict[str, float]:
+    """Token-mean loss and accuracy over the held-out samples (empty without any)."""
+    if not examples:
+        return {}
+    total, correct, count = 0.0, 0, 0
+    for start in range(0, len(examples), batch_size):
+        loss, right, n = token_cross_entropy(policy, examples[start:start + batch_size])
+        total, correct, count = total + loss.item(), correct + right, count + n
+    return {"loss": total / max(count, 1), "token_accuracy": correct / max(count, 1)}
+
+
+# ---------------------------------------------------------------------------- the stage
+
+
+def save_trained(policy, directory: Path) -> Path:
+    """The adapter (LoRA) or the whole model, with the tokenizer, written atomically."""
+    from grpokit.train.supervised import save_directory
+
+    def write(staging: Path) -> None:
+        policy.model.save_pretrained(staging, safe_serialization=True)
+        policy.tokenizer.save_pretrained(staging)
+
+    return save_directory(directory, write)
+
+
+def setup_sft(recipe):
+    """Data checked, model loaded, samples tokenized: the ``SupervisedJob`` the shared loop runs."""
+    from grpokit.models import load_policy
+    from grpokit.train.supervised import SupervisedJob, hold_out
+
+    if recipe.model.adapter and recipe.model.lora is not None:
+        raise RecipeError("model.adapter with LoRA in an SFT recipe: the new adapter would be relative to the "
+                          "merged model, and a GRPO recipe's model.adapter takes one adapter on the base. Train "
+                          "fully (model.lora: null; the merged result is saved as <output_dir>/model) or start "
+                          "from the base model")
+    data, training = recipe.data, recipe.training
+    conversations = load_conversations(data)  # before the model: bad data fails in a second
+    train_rows, eval_rows = hold_out(conversations, data.eval_size, data.seed, data.source)
+    policy = load_policy(recipe.model, beta=0.0)
+    train_examples, cut = encode_examples(policy.tokenizer, train_rows, training.max_length, policy.eos_ids)
+    eval_examples, eval_cut = encode_examples(policy.tokenizer, eval_rows, training.max_length, policy.eos_ids)
+    if cut + eval_cut:
+        log.warning("%d of %d samples are longer than training.max_length = %d tokens and were cut",
+                    cut + eval_cut, len(conversations), training.max_length)
+    target = "adapter" if policy.is_lora else "model"
+    return SupervisedJob(
+        model=policy.model, params=policy.trainable_parameters(), train_examples=train_examples,
+        loss_fn=lambda batch: sft_loss(policy, batch),
+        eval_fn=lambda: held_out_loss(policy, eval_examples, training.batch_size),
+        save=lambda run_dir: save_trained(policy, run_dir / target),
+        weight=lambda example: example.num_labels,
+        rate=("tokens_per_s", lambda example: len(example.ids)),
+        info={"eval_rows": len(eval_examples), "truncated_samples": cut + eval_cut,
+              "assistant_tokens": sum(e.num_labels for e in train_examples)},
+    )
+
+
+def run_sft(recipe, overwrite: bool = False, progress=None) -> Path:
+    """Fine-tune ``recipe.model`` on ``recipe.data``; return the run directory.
+
+    It holds ``adapter/`` (or ``model/``), ``metrics.jsonl``, ``recipe.yaml`` and ``run.json``
+    (held-out loss before and after: ``eval_before``/``eval_after``).
+    """
+    from grpokit.train.supervised import run_stage
+
+    return run_stage(recipe, "sft", lambda: setup_sft(recipe), overwrite=overwrite, progress=progress)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def add_stage_arguments(parser) -> None:
+    """The arguments ``grpokit sft`` and ``grpokit reward-model`` share."""
+    parser.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe field, e.g. --set training.max_steps=10 (repeatable)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+
+def print_progress(step: int, total: int, metrics: dict[str, Any]) -> None:
+    print(f"step {step}/{total}  loss {metrics['loss']:.4f}  lr {metrics['lr']:.2e}  "
+          f"{metrics['step_time_s']:.2f} s/step", flush=True)
+
+
+def cmd_sft(args) -> int:
+    from grpokit.config import SftRecipe, load_recipe
+
+    recipe = load_recipe(args.recipe, args.set, schema=SftRecipe)
+    run_dir = run_sft(recipe, overwrite=args.overwrite, progress=print_progress)
+    info = json.loads((run_dir / "run.json").read_text())
+    before, after = info["eval_before"], info["eval_after"]
+    if before and after:
+        print(f"held-out loss {before['loss']:.4f} -> {after['loss']:.4f} (token accuracy "
+              f"{100 * before['token_accuracy']:.1f}% -> {100 * after['token_accuracy']:.1f}%) after "
+              f"{info['steps']} steps" + (" (stopped early)" if info["stopped_early"] else ""))
+    saved = info["saved"]
+    key = "model.adapter" if saved.endswith("adapter") else "model.path"
+    print(f"saved {saved}; start a GRPO recipe from it with {key}: {saved}")
+    return 0
+
+
+def add_sft_command(subparsers) -> None:
+    """``grpokit sft RECIPE [--set KEY=VALUE ...] [--overwrite]``."""
+    parser = subparsers.add_parser("sft", help="supervised fine-tuning on chat samples (assistant tokens only); "
+                                               "the adapter is a GRPO recipe's model.adapter")
+    add_stage_arguments(parser)
+    parser.set_defaults(func=cmd_sft)
