@@ -70,7 +70,7 @@ def test_greedy_only_eval_has_no_sampling_block(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_eval_of_a_run_reproduces_its_final_eval(tiny_model_dir, tmp_path, capsys):
-    raw = tiny_recipe(tiny_model_dir, tmp_path / "run", model={"lora": {"r": 4, "alpha": 8}},
+    raw = tiny_recipe(tiny_model_dir, tmp_path / "run", model={"lora": {"r": 4, "alpha": 8}, "dtype": "bfloat16"},
                       training={"max_steps": 3, "eval_every": 0, "learning_rate": 5e-2})
     raw["rewards"] = [{"name": "toy_leading_digit"}]
     run_dir = train(recipe_from_dict(raw))
@@ -85,6 +85,12 @@ def test_eval_of_a_run_reproduces_its_final_eval(tiny_model_dir, tmp_path, capsy
     assert result["correct"] == final["correct"] and result["samples"] == final["samples"]
     assert result["model"].endswith("step-3") and result["data"] == "builtin:addition"
     assert list(result["sampling"]["pass_at_k"]) == ["1", "4"]
+
+    # the untrained model under the run's recipe is the run's step 0, exactly (same dtype handling)
+    _, baseline = run_evaluation(str(tiny_model_dir), recipe_path=str(run_dir / "recipe.yaml"),
+                                 out=str(tmp_path / "baseline.json"))
+    start = json.loads((run_dir / "eval" / "step-0.json").read_text())
+    assert baseline["correct"] == start["correct"] and baseline["samples"] == start["samples"]
 
     # an existing file is kept unless asked; training's own names are refused
     assert main(["eval", "--model", str(run_dir), "--num-generations", "4"]) == 2

@@ -57,13 +57,17 @@ def default_name(recipe, target: Target, num_generations: int) -> str:
 
 
 def load_target_policy(target: Target, recipe):
-    """The policy to decode with: a checkpoint rebuilt as training built it, or a plain model
-    (the recipe's dtype, device and attention; no adapters)."""
+    """The policy to decode with: a checkpoint, or a plain model, built as training builds it.
+
+    A plain model is loaded with the recipe's model section (LoRA keeps the base in the
+    compute dtype; fresh adapters change nothing), so its evaluation equals a run's step-0
+    evaluation exactly: a baseline and a trained run then differ only by training.
+    """
     from grpokit.models import load_checkpoint_policy, load_policy
 
     if target.checkpoint is not None:
         return load_checkpoint_policy(target.checkpoint, recipe.model)
-    return load_policy(recipe.model.model_copy(update={"path": target.model, "lora": None}), beta=0.0)
+    return load_policy(recipe.model.model_copy(update={"path": target.model}), beta=0.0, merge_lora=True)
 
 
 def load_eval_recipe(target: Target, recipe_path: str | None, overrides: list[str]):
