@@ -225,7 +225,7 @@ def save_reward_model(scorer: RewardScorer, directory: Path) -> Path:
     """Weights (adapter or model), tokenizer, head and reward_model.json, written atomically."""
     from safetensors.torch import save_file
 
-    from grpokit.train.supervised import save_directory
+    from grpokit.models.checkpoint import save_directory
 
     def write(staging: Path) -> None:
         scorer.model.save_pretrained(staging, safe_serialization=True)

@@ -255,7 +255,7 @@ def held_out_loss(policy, examples: list[SftExample], batch_size: int) -> dict[s
 
 def save_trained(policy, directory: Path) -> Path:
     """The adapter (LoRA) or the whole model, with the tokenizer, written atomically."""
-    from grpokit.train.supervised import save_directory
+    from grpokit.models.checkpoint import save_directory
 
     def write(staging: Path) -> None:
         policy.model.save_pretrained(staging, safe_serialization=True)

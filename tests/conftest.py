@@ -49,6 +49,15 @@ def make_tiny_model(vocab_size: int, seed: int = 0):
     return LlamaForCausalLM(config)
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A run with training.num_threads sets torch's global thread count: give the next test its own
+    back (a resumed run and its straight twin must reduce in the same order to match bit for bit)."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def char_tokenizer():
     return make_char_tokenizer()

@@ -43,7 +43,8 @@ def faulty_recipe(model_dir, out_dir, **sections):
     """Every piece of state a resume must restore is in play: LoRA + AdamW moments, a reference
     (beta > 0), reward normalisation statistics, a replay buffer, a data pass that wraps around."""
     raw = tiny_recipe(model_dir, out_dir, model={"lora": {"r": 4, "alpha": 8}}, algorithm={"beta": 0.1},
-                      training={"max_steps": STEPS, "save_every": 2, "learning_rate": 2e-2, "eval_every": 0},
+                      training={"max_steps": STEPS, "save_every": 2, "learning_rate": 2e-2, "eval_every": 0,
+                                "num_threads": 1},  # the same reduction order in this process and the child
                       data={"train_size": 10}, logging={"samples_every": 0, "progress": False})
     raw["algorithm"]["replay"] = {"capacity": 4, "ratio": 0.25}
     raw["reward_shaping"] = {"normalize": True}

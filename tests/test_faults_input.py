@@ -90,13 +90,6 @@ GOOD_ROWS = [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in ra
 ONE_STEP = {"max_steps": 1, "num_threads": 1}
 
 
-@pytest.fixture(autouse=True)
-def _restore_torch_threads():
-    """Runs here set torch's thread count (training.num_threads); give other test files theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def recipe(tiny_model_dir, tmp_path):

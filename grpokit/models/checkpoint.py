@@ -40,21 +40,16 @@ def _fsync_tree(root: Path) -> None:
     _fsync(root)
 
 
-def save_checkpoint(policy, directory: str | Path, state: dict, torch_state: dict[str, Any] | None = None) -> Path:
-    """Write model/adapter, tokenizer, ``<name>.pt`` per ``torch_state`` entry and ``trainer_state.json``
-    to ``directory`` atomically; an existing ``directory`` is replaced only once the new one is complete."""
-    import torch
-
+def save_directory(directory: str | Path, write) -> Path:
+    """Fill ``directory`` atomically: ``write(staging)`` fills a hidden staging dir beside it, which
+    is fsynced and renamed into place; an old ``directory`` is replaced only once the new one is complete."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     trash = None
     try:
-        policy.model.save_pretrained(staging, safe_serialization=True)
-        policy.tokenizer.save_pretrained(staging)
-        for name, value in (torch_state or {}).items():
-            torch.save(value, staging / f"{name}.pt")
-        (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
+        write(staging)
+        staging.chmod(0o755)  # mkdtemp made it private; weights are for other tools and users too
         _fsync_tree(staging)
         if directory.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
@@ -66,6 +61,21 @@ def save_checkpoint(policy, directory: str | Path, state: dict, torch_state: dic
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
     return directory
+
+
+def save_checkpoint(policy, directory: str | Path, state: dict, torch_state: dict[str, Any] | None = None) -> Path:
+    """Write model/adapter, tokenizer, ``<name>.pt`` per ``torch_state`` entry and ``trainer_state.json``
+    (last: its presence marks a complete checkpoint) to ``directory`` atomically."""
+    import torch
+
+    def write(staging: Path) -> None:
+        policy.model.save_pretrained(staging, safe_serialization=True)
+        policy.tokenizer.save_pretrained(staging)
+        for name, value in (torch_state or {}).items():
+            torch.save(value, staging / f"{name}.pt")
+        (staging / STATE_FILE).write_text(json.dumps(state, indent=2))
+
+    return save_directory(directory, write)
 
 
 def is_complete(directory: Path) -> bool:

@@ -17,10 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -34,7 +31,6 @@ from grpokit import __version__
 from grpokit.config import SupervisedTrainingConfig, dump_recipe
 from grpokit.errors import DataError, TrainingError
 from grpokit.log import JsonlSink
-from grpokit.models.checkpoint import _fsync, _fsync_tree
 from grpokit.train.rundir import check_run_dir, now_iso, prepare_run_dir, write_json
 from grpokit.train.schedule import build_optimizer
 
@@ -231,26 +227,3 @@ def run_stage(recipe, kind: str, setup: Callable[[], SupervisedJob], overwrite: 
     info.update(summary, status="finished", finished=now_iso(), saved=str(saved), wall_s=time.perf_counter() - t0)
     write_json(run_dir / "run.json", info)
     return run_dir
-
-
-def save_directory(directory: Path, write: Callable[[Path], None]) -> Path:
-    """Fill ``directory`` atomically: ``write`` fills a staging dir beside it, which is fsynced and
-    renamed into place; an old ``directory`` is replaced only once the new one is complete."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    trash = None
-    try:
-        write(staging)
-        staging.chmod(0o755)  # mkdtemp made it private; the weights are for other tools and users too
-        _fsync_tree(staging)
-        if directory.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-            os.replace(directory, trash / directory.name)
-        os.replace(staging, directory)
-        _fsync(directory.parent)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-    return directory
