@@ -162,6 +162,17 @@ class Converted(NamedTuple):
     skipped: dict[str, int]
 
 
+def usable_steps(episode: Episode, skipped: dict[str, int]) -> Iterable[Step]:
+    """The steps a converter can use, counting what it skips (no steps at all, no observation)."""
+    if not episode.steps:
+        skipped["episodes_without_steps"] += 1
+    for step in episode.steps:
+        if has_observation(step):
+            yield step
+        else:
+            skipped["steps_without_observation"] += 1
+
+
 def episodes_to_prompts(episodes: Iterable[Episode], history: int = 2, system: str | None = None) -> Converted:
     """One GRPO row per step: ``prompt`` (messages), ``answer`` (the recorded action's text),
     ``episode_id``, ``step``, ``success``, ``reward`` (the step's reward, or None).
@@ -173,13 +184,7 @@ def episodes_to_prompts(episodes: Iterable[Episode], history: int = 2, system: s
     rows: list[dict] = []
     skipped = {"episodes_without_steps": 0, "steps_without_observation": 0}
     for episode in episodes:
-        if not episode.steps:
-            skipped["episodes_without_steps"] += 1
-            continue
-        for step in episode.steps:
-            if not has_observation(step):
-                skipped["steps_without_observation"] += 1
-                continue
+        for step in usable_steps(episode, skipped):
             image = step.observation.image_path
             rows.append({"prompt": step_messages(episode, step.index, history, system),
                          "answer": render_action(step.action), "episode_id": episode.episode_id,
@@ -205,13 +210,7 @@ def episodes_to_sft(episodes: Iterable[Episode], only_successful: bool = True, h
         if only_successful and not episode.success:
             skipped["unsuccessful_episodes"] += 1
             continue
-        if not episode.steps:
-            skipped["episodes_without_steps"] += 1
-            continue
-        for step in episode.steps:
-            if not has_observation(step):
-                skipped["steps_without_observation"] += 1
-                continue
+        for step in usable_steps(episode, skipped):
             reply = {"role": "assistant", "content": render_action(step.action)}
             rows.append({"messages": step_messages(episode, step.index, history, system) + [reply]})
     return Converted(rows, skipped)

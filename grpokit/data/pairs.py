@@ -24,7 +24,6 @@ a pair already made (same prompt, chosen and rejected); both are counted.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from collections import defaultdict
@@ -241,15 +240,9 @@ def resolve_comparator(name: str) -> Comparator:
     if ":" not in name:
         raise DataError(f"unknown comparator {name!r}; built-ins are {sorted(COMPARATORS)}, "
                         "or name your own as 'package.module:function' taking (a, b) and returning an int")
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # an import can fail in any way; report it, do not crash
-        raise DataError(f"comparator {name!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise DataError(f"comparator {name!r}: module {module_name!r} has no function {attr!r}")
-    return fn
+    from grpokit.rewards.registry import import_function
+
+    return import_function(name, "comparator", DataError)
 
 
 def _compare(fn: Comparator, label: str, a: Episode, b: Episode) -> float:

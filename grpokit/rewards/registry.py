@@ -70,12 +70,17 @@ def resolve_reward(name: str) -> RewardFn:
             f"unknown reward {name!r}; registered rewards are {sorted(REWARDS)}, "
             "or name your own as 'package.module:function'"
         )
+    return import_function(name, "reward", RewardError)
+
+
+def import_function(name: str, what: str, error: type[Exception]) -> Callable:
+    """The function ``package.module:function`` names; every failure is ``error`` saying what failed."""
     module_name, _, attr = name.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # an import can fail in any way; report it, do not crash
-        raise RewardError(f"reward {name!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
+        raise error(f"{what} {name!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise RewardError(f"reward {name!r}: module {module_name!r} has no function {attr!r}")
+        raise error(f"{what} {name!r}: module {module_name!r} has no function {attr!r}")
     return fn
