@@ -101,3 +101,12 @@ if "toy_digits" not in REWARDS:
     def toy_leading_digit(prompts, completions, **_):
         """1 when the reply starts with a digit: a 'correct' that random samples hit now and then."""
         return [float(completion_text(c)[:1].isdigit()) for c in completions]
+
+
+def run_cli(argv: list[str]):
+    """Run a ``grpokit`` subcommand as the CLI parses it, but let grpokit's errors raise
+    (``grpokit.cli.main`` would print them and return 2) so tests can match them."""
+    from grpokit.cli import build_parser
+
+    args = build_parser().parse_args([str(a) for a in argv])
+    return args.func(args)

@@ -1,30 +1,22 @@
 """Episode schema (file:line + field-path errors) and the prompt / SFT converters, on hand-checked fixtures."""
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from grpokit.data.commands import add_data_commands
 from grpokit.data.episodes import (
     Action, episodes_to_prompts, episodes_to_sft, load_episodes, render_action, step_messages,
 )
 from grpokit.errors import DataError
+
+from conftest import run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures" / "episodes"
 SMALL = FIXTURES / "small.jsonl"
 
 GOOD = {"episode_id": "a", "instruction": "do it", "success": True,
         "steps": [{"index": i, "observation": {"text": f"o{i}"}, "action": {"type": "t"}} for i in range(3)]}
-
-
-def run_cli(argv):
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_data_commands(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 def write_lines(path, *objects):

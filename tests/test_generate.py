@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -11,9 +10,9 @@ import yaml
 from grpokit.config import recipe_from_dict
 from grpokit.data import load_splits
 from grpokit.errors import DataError, GrpokitError
-from grpokit.generate import add_generate_command, meta_path, row_seed
+from grpokit.generate import meta_path, row_seed
 
-from conftest import toy_digits, toy_leading_digit, tiny_recipe  # noqa: F401  (registers the toy rewards)
+from conftest import run_cli, tiny_recipe, toy_digits, toy_leading_digit
 
 
 @pytest.fixture
@@ -26,12 +25,7 @@ def recipe(tiny_model_dir, tmp_path):
 
 
 def generate(model, recipe, out, *flags, k=3):
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_generate_command(sub)
-    args = parser.parse_args(["generate", "--model", str(model), "--recipe", str(recipe), "--out", str(out),
-                              "--num-generations", str(k), *map(str, flags)])
-    return args.func(args)
+    return run_cli(["generate", "--model", model, "--recipe", recipe, "--out", out, "--num-generations", k, *flags])
 
 
 def lines(path):
@@ -168,9 +162,5 @@ def test_argument_and_data_errors(tiny_model_dir, recipe, tmp_path):
     with pytest.raises(GrpokitError, match="column 'seed'"):
         generate(tiny_model_dir, recipe, tmp_path / "gen.jsonl", "--data", data)
     with pytest.raises(GrpokitError, match="pass --recipe"):
-        parser = argparse.ArgumentParser()
-        add_generate_command(parser.add_subparsers(dest="command", required=True))
-        args = parser.parse_args(["generate", "--model", str(tiny_model_dir), "--num-generations", "2",
-                                  "--out", str(tmp_path / "gen.jsonl")])
-        args.func(args)
+        run_cli(["generate", "--model", tiny_model_dir, "--num-generations", 2, "--out", tmp_path / "gen.jsonl"])
     assert not (tmp_path / "gen.jsonl").exists()

@@ -1,25 +1,17 @@
 """Preference pairs from two runs, human feedback and comparators, with outputs worked out by hand."""
 
-import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from grpokit.data.commands import add_data_commands
 from grpokit.data.episodes import load_episodes
 from grpokit.data.pairs import match_steps, pairs_from_comparator, pairs_from_feedback, pairs_from_runs
 from grpokit.errors import DataError
 
+from conftest import run_cli
+
 FIXTURES = Path(__file__).parent / "fixtures" / "episodes"
-
-
-def run_cli(argv):
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_data_commands(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 def load(name):

@@ -1,6 +1,5 @@
 """Reward models (``grpokit reward-model``): the loss, the data, training, reloading, and use as a GRPO reward."""
 
-import argparse
 import json
 import math
 import random
@@ -11,10 +10,10 @@ import torch
 
 from grpokit.config import RewardModelRecipe, load_recipe, recipe_from_dict
 from grpokit.errors import DataError, ModelError
-from grpokit.reward_model import (PairExample, add_reward_model_command, bradley_terry, load_reward_model, pair_of,
+from grpokit.reward_model import (PairExample, bradley_terry, load_reward_model, pair_of,
                                   read_rows, reward_model, train_reward_model)
 
-from conftest import tiny_recipe
+from conftest import run_cli, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "apple river stone cloud green quiet table window music light paper summer".split()
@@ -163,11 +162,8 @@ def test_cli_trains_and_prints_the_held_out_accuracy(tiny_model_dir, tmp_path, c
     recipe = rm_recipe(tiny_model_dir, data, tmp_path / "run").model_dump(mode="json")
     path = tmp_path / "rm.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    parser = argparse.ArgumentParser()
-    add_reward_model_command(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["reward-model", str(path), "--set", "data.eval_size=8", "--set", "training.max_steps=2",
-                              "--set", "model.lora=null", "--set", "head.kind=mlp", "--set", "head.hidden=16"])
-    assert args.func(args) == 0
+    assert run_cli(["reward-model", path, "--set", "data.eval_size=8", "--set", "training.max_steps=2",
+                    "--set", "model.lora=null", "--set", "head.kind=mlp", "--set", "head.hidden=16"]) == 0
     out = capsys.readouterr().out
     assert "held-out preference accuracy" in out and REWARD in out
     saved = tmp_path / "run" / "reward_model"

@@ -1,6 +1,5 @@
 """SFT (``grpokit sft``) and the supervised loop it shares with reward-model training, on the tiny model."""
 
-import argparse
 import json
 import math
 import random
@@ -14,11 +13,11 @@ from grpokit.data.tasks import addition
 from grpokit.errors import DataError, RecipeError, RunDirError, TrainingError
 from grpokit.log import JsonlSink
 from grpokit.models import load_policy
-from grpokit.sft import (add_sft_command, encode_conversation, fit_length, load_conversations, run_sft, setup_sft,
+from grpokit.sft import (encode_conversation, fit_length, load_conversations, run_sft, setup_sft,
                          sft_loss)
 from grpokit.train.supervised import SupervisedJob, fit, train_step
 
-from conftest import tiny_recipe
+from conftest import run_cli, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 # SmolLM2-135M-Instruct's template: a default system message, no {% generation %} markers
@@ -299,12 +298,8 @@ def test_cli_runs_refuses_an_existing_run_and_stops_early(tiny_model_dir, tmp_pa
     recipe = sft_recipe(tiny_model_dir, data, tmp_path / "run").model_dump(mode="json")
     path = tmp_path / "sft.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    parser = argparse.ArgumentParser()
-    add_sft_command(parser.add_subparsers(dest="command", required=True))
-
     def run(*extra):
-        args = parser.parse_args(["sft", str(path), *extra])
-        return args.func(args)
+        return run_cli(["sft", path, *extra])
 
     assert run("--set", "training.max_steps=2", "--set", "model.lora=null") == 0
     out = capsys.readouterr().out

@@ -1,23 +1,15 @@
 """Stratified splits: equal per-stratum proportions, seeded determinism, tie-safe bins, safe writing."""
 
-import argparse
 import json
 import random
 from collections import Counter
 
 import pytest
 
-from grpokit.data.commands import add_data_commands
 from grpokit.data.split import quantile_bins, stratified_split, write_split
 from grpokit.errors import DataError
 
-
-def run_cli(argv):
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_data_commands(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+from conftest import run_cli
 
 
 def make_rows(n=101, seed=1):
