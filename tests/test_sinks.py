@@ -317,3 +317,42 @@ def test_wandb_offline_runs_read_back_from_the_transaction_log(tmp_path, wandb_h
         assert table["data"] == [[2, "What is 2+3?", SAMPLES[0]["completion"], "5", 1.0],
                                  [2, "user: 7*6?", "maybe \\frac{84}{2}", "42", None]]
         assert [r["exit"]["exit_code"] for r in records if r["type"] == "exit"] == [0]
+
+
+# ---- the trainer feeds every tracker ---------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_training_run_feeds_all_three_trackers(tiny_model_dir, tmp_path, monkeypatch, wandb_home):
+    """Through the real loop: the same train and eval scalars reach TensorBoard, MLflow and W&B."""
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from grpokit.config import recipe_from_dict
+    from grpokit.train import train
+
+    from conftest import tiny_recipe
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    raw = tiny_recipe(tiny_model_dir, tmp_path / "run", training={"max_steps": 2},
+                      logging={"sinks": ["tensorboard", "wandb", "mlflow"], "samples_every": 1})
+    run_dir = train(recipe_from_dict(raw))
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rewards = [(r["step"], pytest.approx(r["reward"])) for r in lines if r["kind"] == "train"]
+    accuracy = [(r["step"], pytest.approx(r["accuracy"])) for r in lines if r["kind"] == "eval"]
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/reward")] == rewards
+    assert [(e.step, e.value) for e in events.Scalars("eval/accuracy")] == accuracy
+    assert len(events.Tensors("samples/text_summary")) == 2
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient((run_dir / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("grpokit").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["training.max_steps"] == "2"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/reward")] == rewards
+
+    (run_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    history = {r["history"]["step"]["num"]: r["history"]["item"] for r in wandb_records(run_file) if r["type"] == "history"}
+    assert [(step, history[step]["train/reward"]) for step in sorted(history) if "train/reward" in history[step]] == rewards
+    assert [(step, history[step]["eval/accuracy"]) for step in sorted(history) if "eval/accuracy" in history[step]] == accuracy
