@@ -298,3 +298,17 @@ def test_report_band_from_eval_files_when_metrics_lack_eval_lines(tmp_path: Path
     (plain / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     write_report(plain)
     assert (run / "plots" / "accuracy.png").read_bytes() != (plain / "plots" / "accuracy.png").read_bytes()
+
+
+def test_report_lists_grpokit_eval_files_beside_the_first_and_last_training_evals(tmp_path: Path) -> None:
+    run = make_run(tmp_path)
+    assert "Evaluations with `grpokit eval`" not in write_report(run).read_text()
+    named = {**_eval(20, 0.5, ["4", "9", "x"], [True, True, True]), "name": "gsm8k-k4", "data": "gsm8k"}
+    del named["step"]
+    (run / "eval" / "gsm8k-k4.json").write_text(json.dumps(named))
+    report = write_report(run).read_text()
+    section = report.split("## Evaluations with `grpokit eval`", 1)[1]
+    assert "| metric | step 0 | step 20 | gsm8k-k4 |" in section
+    accuracy = [line for line in section.splitlines() if line.startswith("| Accuracy |")][0]
+    assert "**50.0%" in accuracy and "★" in accuracy  # the eval file's 50 % is the best of the three
+    assert "`" + str(run / "eval" / "step-0.json") + "`" in section

@@ -19,7 +19,7 @@ import yaml
 
 from grpokit.errors import RunDirError
 from grpokit.report.compare import write_comparison
-from grpokit.report.files import Row, bad_line, read_json, read_jsonl, read_step_evals
+from grpokit.report.files import Row, bad_line, read_json, read_jsonl, read_step_evals, step_eval_files
 from grpokit.report.markdown import build_markdown
 from grpokit.report.plots import write_plots
 from grpokit.report.stats import interval, pass_at_k
@@ -108,6 +108,22 @@ def write_report(run_dir: str | Path) -> Path:
         samples=samples,
         plot_names=plot_names,
     )
+    text += named_evals_section(run / "eval", evals)
     report = run / "report.md"
     report.write_text(text, encoding="utf-8")
     return report
+
+
+def named_evals_section(eval_dir: Path, evals: list[Row]) -> str:
+    """The run's `grpokit eval` files beside its first and last training evals, as compare shows them."""
+    from grpokit.report.compare import Source, comparison_body
+
+    steps = {path for _, path in step_eval_files(eval_dir)}
+    named = sorted(p for p in eval_dir.glob("*.json") if p.is_file() and p not in steps)
+    if not named:
+        return ""
+    ends = evals[:1] + evals[-1:] if len(evals) > 1 else evals
+    sources = [Source(f"step {e.get('step')}", eval_dir / f"step-{e.get('step')}.json", e) for e in ends]
+    sources += [Source(p.stem, p, read_json(p)) for p in named]
+    lines = ["", "## Evaluations with `grpokit eval`", "", *comparison_body(sources)]
+    return "\n".join(lines).rstrip() + "\n"

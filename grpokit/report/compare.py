@@ -194,18 +194,22 @@ def _plot(sources: list[Source], path: Path) -> bool:
     return plot_comparison([s.name for s in sources], groups, values, intervals, path)
 
 
-def comparison_markdown(sources: list[Source], plotted: bool) -> str:
-    """The whole comparison page."""
+def comparison_body(sources: list[Source]) -> list[str]:
+    """The side-by-side table, its legend, the notes and the accuracy differences (Markdown lines)."""
     evs = [s.ev for s in sources]
     header = ["metric", *(cell(s.name) for s in sources)]
     rows = [[f.label, *_ranked_cells(f, evs)] for f in eval_figures(evs)]
     legend = ("★ marks the best value of each row: higher is better, except self-BLEU, where lower means more "
               "diverse samples; completion length and examples are not ranked. Brackets: 95% bootstrap intervals "
               "over the held-out rows; pass@k is the unbiased estimator of Chen et al. 2021.")
-    lines = [f"# Comparison of {len(sources)} evaluations", "", *map(_describe, sources), "",
-             *table(header, rows), "", legend, ""]
+    lines = [*map(_describe, sources), "", *table(header, rows), "", legend, ""]
     lines += [*(f"{note}\n" for note in _notes(sources))]
-    lines += _difference_lines(sources)
+    return lines + _difference_lines(sources)
+
+
+def comparison_markdown(sources: list[Source], plotted: bool) -> str:
+    """The whole comparison page."""
+    lines = [f"# Comparison of {len(sources)} evaluations", "", *comparison_body(sources)]
     if plotted:
         lines += ["## Accuracy and pass@k", "", "![Accuracy and pass@k per source](comparison.png)", ""]
     return "\n".join(lines).rstrip() + "\n"
