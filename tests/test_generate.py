@@ -85,26 +85,27 @@ def test_same_seed_same_file_other_seed_other_samples(tiny_model_dir, recipe, tm
     assert row_seed(7, 3) != row_seed(7, 4) != row_seed(8, 3)
 
 
-def test_batch_size_does_not_change_the_output(tiny_model_dir, recipe, tmp_path):
-    one, four = tmp_path / "one.jsonl", tmp_path / "four.jsonl"
-    generate(tiny_model_dir, recipe, one, "--batch-size", 1, "--rewards")
-    generate(tiny_model_dir, recipe, four, "--batch-size", 4, "--rewards")
-    assert one.read_bytes() == four.read_bytes()
-
-
-def test_resume_appends_exactly_what_an_uninterrupted_run_writes(tiny_model_dir, recipe, tmp_path, capsys):
+def test_blocks_follow_the_split_not_the_limit_and_the_batch_size_is_part_of_the_job(tiny_model_dir, recipe, tmp_path,
+                                                                                      capsys):
     whole, resumed = tmp_path / "whole.jsonl", tmp_path / "resumed.jsonl"
-    generate(tiny_model_dir, recipe, whole, "--rewards")
-    generate(tiny_model_dir, recipe, resumed, "--rewards", "--limit", 3)
+    generate(tiny_model_dir, recipe, whole, "--rewards", "--batch-size", 4)
+    # --limit 3 cuts the first block (rows 0-3): it is decoded whole, rows 0-2 written
+    generate(tiny_model_dir, recipe, resumed, "--rewards", "--batch-size", 4, "--limit", 3)
     head = resumed.read_bytes()
-    assert len(lines(resumed)) == 3
+    assert len(lines(resumed)) == 3 and whole.read_bytes().startswith(head)
+    with pytest.raises(GrpokitError, match="batch_size was 4 there and is 2 now"):
+        generate(tiny_model_dir, recipe, resumed, "--rewards", "--batch-size", 2)
     capsys.readouterr()
-    generate(tiny_model_dir, recipe, resumed, "--rewards", "--batch-size", 2)
+    generate(tiny_model_dir, recipe, resumed, "--rewards", "--batch-size", 4)
     assert "generated 5/8 rows (skipped 3 already written)" in capsys.readouterr().out
-    assert resumed.read_bytes().startswith(head) and resumed.read_bytes() == whole.read_bytes()
-    generate(tiny_model_dir, recipe, resumed, "--rewards")  # complete: nothing to do, the model is not even loaded
+    assert resumed.read_bytes() == whole.read_bytes()
+    generate(tiny_model_dir, recipe, resumed, "--rewards", "--batch-size", 4)  # complete: the model is not even loaded
     assert "generated 0/8 rows (skipped 8 already written)" in capsys.readouterr().out
     assert resumed.read_bytes() == whole.read_bytes()
+    # a block of 4 rows shares one generator: other blocks, other samples
+    single = tmp_path / "single.jsonl"
+    generate(tiny_model_dir, recipe, single, "--rewards", "--batch-size", 1)
+    assert [g["completions"] for g in lines(single)] != [g["completions"] for g in lines(whole)]
 
 
 @pytest.mark.parametrize("cut", [1, 40])
