@@ -399,6 +399,48 @@ class RewardModelRecipe(Section):
     """The optimisation loop."""
 
 
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested recipe to dotted keys, for trackers whose params are flat: ``{"model": {"lora":
+    {"r": 16}}}`` -> ``{"model.lora.r": 16}``; a list of sections (``rewards``) is indexed
+    (``rewards.0.name``); a list of plain values stays one value."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{path}."))
+        elif isinstance(value, list) and any(isinstance(v, dict) for v in value):
+            flat.update(flatten({str(i): v for i, v in enumerate(value)}, f"{path}."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _lookup(tree: Any, key: str) -> Any:
+    for part in key.split("."):
+        if isinstance(tree, dict):
+            tree = tree.get(part)
+        elif isinstance(tree, list) and part.isdigit() and int(part) < len(tree):
+            tree = tree[int(part)]
+        else:
+            return None
+    return tree
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every key whose value differs, in ``new``'s key
+    order, then keys only ``old`` has: the one comparison behind "is this the same run / job?".
+    A key one side holds as a single value and the other as a section is reported whole."""
+    a, b = flatten(old), flatten(new)
+    found: dict[str, tuple[str, Any, Any]] = {}
+    for key in [*b, *(k for k in a if k not in b)]:
+        if a.get(key) == b.get(key):
+            continue
+        parts = key.split(".")
+        key = next((p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in a or p in b), key)
+        found.setdefault(key, (key, _lookup(old, key), _lookup(new, key)))
+    return list(found.values())
+
+
 # --------------------------------------------------------------------------- loading
 
 

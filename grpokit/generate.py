@@ -21,7 +21,6 @@ docs/generate.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -95,23 +94,13 @@ def job_meta(model: str, split: str, k: int, batch_size: int, settings, recipe, 
         "max_completion_length": settings.max_completion_length, "max_prompt_length": settings.max_prompt_length,
         "rewards": [spec.model_dump(mode="json") for spec in recipe.rewards] if with_rewards else None,
         "recipe": sections,
-        "recipe_hash": hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16],
     }
-
-
-def _first_difference(old: Any, new: Any, path: str = "") -> tuple[str, Any, Any] | None:
-    """The first key path (``recipe.data.seed``) whose value differs, with both values."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in [*new, *(k for k in old if k not in new)]:
-            found = _first_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
-            if found:
-                return found
-        return None
-    return None if old == new else (path, old, new)
 
 
 def check_meta(out: Path, meta: dict[str, Any]) -> bool:
     """Refuse to append to another job's file; True when ``out`` holds lines of this job."""
+    from grpokit.config import differences
+
     sidecar = meta_path(out)
     if not out.is_file() or out.stat().st_size == 0:
         return False  # nothing written yet (perhaps killed before the first batch): start afresh
@@ -122,9 +111,9 @@ def check_meta(out: Path, meta: dict[str, Any]) -> bool:
         old = json.loads(sidecar.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
         raise GenerateError(f"{sidecar}: unreadable ({exc}); pass a new --out") from None
-    different = _first_difference(old, meta)
+    different = differences(old, meta) if isinstance(old, dict) else [("the sidecar", old, meta)]
     if different:
-        key, was, now = different
+        key, was, now = different[0]
         raise GenerateError(f"{out} was written by another job: {key} was {was!r} there and is {now!r} now; pass a "
                             f"new --out, or repeat that job's settings to resume it")
     return True

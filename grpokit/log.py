@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 from urllib.parse import urlparse
 
+from grpokit.config import flatten  # noqa: F401 - MLflow params are the flattened recipe
 from grpokit.errors import RecipeError
 
 if TYPE_CHECKING:
@@ -91,22 +92,6 @@ def sanitise_key(name: str, disallowed: re.Pattern[str]) -> str:
     """Make a metric name acceptable to one tracker: ``pass@5`` -> ``pass_at_5`` (readable, not
     ``pass_5``), then every character the tracker rejects -> ``_``."""
     return disallowed.sub("_", name.replace("@", "_at_"))
-
-
-def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested recipe to dotted keys, for trackers whose params are flat: ``{"model": {"lora":
-    {"r": 16}}}`` -> ``{"model.lora.r": 16}``; a list of sections (``rewards``) is indexed
-    (``rewards.0.name``); a list of plain values stays one value."""
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{path}."))
-        elif isinstance(value, list) and any(isinstance(v, dict) for v in value):
-            flat.update(flatten({str(i): v for i, v in enumerate(value)}, f"{path}."))
-        else:
-            flat[path] = value
-    return flat
 
 
 def json_ready(value: Any) -> Any:

@@ -20,7 +20,7 @@ What it is (InstructGPT's reward model, arXiv:2203.02155; TRL's RewardTrainer lo
   model, the tokenizer, ``head.safetensors`` and ``reward_model.json`` (the base model as
   given and as resolved, head, max length, dtype, system prompt), written atomically.
 
-As a GRPO reward: ``{name: "grpokit.reward_model:score", args: {path: <dir>}}`` (``score`` is
+As a GRPO reward: ``{name: reward_model, args: {path: <dir>}}`` (or ``grpokit.reward_model:score``; ``score`` is
 ``reward_model`` below). It loads each directory once per process and scores batches
 under ``no_grad``. This module imports neither torch nor transformers at import time, so
 the ``grpokit`` command stays quick to start.
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from grpokit.errors import DataError, ModelError
-from grpokit.sft import _render, add_stage_arguments, as_chat, check_chat, pad_right, print_progress, with_system
+from grpokit.sft import _render, add_stage_arguments, as_chat, check_chat, pad_right, run_stage_command, with_system
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ def cached_reward_model(path: str | Path, device: str = "auto") -> RewardScorer:
 def reward_model(prompts, completions, path: str, batch_size: int = 16, device: str = "auto", **_) -> list[float]:
     """A trained reward model's score of each completion (TRL's reward signature).
 
-    Recipe: ``{name: "grpokit.reward_model:score", args: {path: runs/reward-model/reward_model}}``.
+    Recipe: ``{name: reward_model, args: {path: runs/reward-model/reward_model}}``.
     ``path`` is the ``reward_model/`` directory (or the run directory holding it); the
     prompt and completion are rendered with the chat template, as in training.
     """
@@ -356,18 +356,15 @@ score = reward_model  # the name recipes use: "grpokit.reward_model:score"
 
 
 def cmd_reward_model(args) -> int:
-    from grpokit.config import RewardModelRecipe, load_recipe
+    from grpokit.config import RewardModelRecipe
 
-    recipe = load_recipe(args.recipe, args.set, schema=RewardModelRecipe)
-    run_dir = train_reward_model(recipe, overwrite=args.overwrite, progress=print_progress)
-    info = json.loads((run_dir / "run.json").read_text())
-    before, after = info["eval_before"], info["eval_after"]
+    info, before, after = run_stage_command(args, RewardModelRecipe, train_reward_model)
     if before and after:
         print(f"held-out preference accuracy {100 * before['accuracy']:.1f}% -> {100 * after['accuracy']:.1f}% "
               f"({info['eval_rows']} pairs; mean margin {before['margin']:.3f} -> {after['margin']:.3f}) after "
               f"{info['steps']} steps" + (" (stopped early)" if info["stopped_early"] else ""))
     print(f"saved {info['saved']}; use it in a GRPO recipe as a reward: "
-          f"{{name: \"grpokit.reward_model:score\", args: {{path: {info['saved']}}}}}")
+          f"{{name: reward_model, args: {{path: {info['saved']}}}}}")
     return 0
 
 

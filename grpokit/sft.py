@@ -323,13 +323,21 @@ def print_progress(step: int, total: int, metrics: dict[str, Any]) -> None:
           f"{metrics['step_time_s']:.2f} s/step", flush=True)
 
 
-def cmd_sft(args) -> int:
-    from grpokit.config import SftRecipe, load_recipe
+def run_stage_command(args, schema, run) -> tuple[dict, dict, dict]:
+    """Load the stage's recipe from the CLI arguments, run it with a progress line per step, and
+    return its run.json with the held-out figures before and after (empty when not evaluated)."""
+    from grpokit.config import load_recipe
 
-    recipe = load_recipe(args.recipe, args.set, schema=SftRecipe)
-    run_dir = run_sft(recipe, overwrite=args.overwrite, progress=print_progress)
+    recipe = load_recipe(args.recipe, args.set, schema=schema)
+    run_dir = run(recipe, overwrite=args.overwrite, progress=print_progress)
     info = json.loads((run_dir / "run.json").read_text())
-    before, after = info["eval_before"], info["eval_after"]
+    return info, info["eval_before"] or {}, info["eval_after"] or {}
+
+
+def cmd_sft(args) -> int:
+    from grpokit.config import SftRecipe
+
+    info, before, after = run_stage_command(args, SftRecipe, run_sft)
     if before and after:
         print(f"held-out loss {before['loss']:.4f} -> {after['loss']:.4f} (token accuracy "
               f"{100 * before['token_accuracy']:.1f}% -> {100 * after['token_accuracy']:.1f}%) after "

@@ -60,3 +60,13 @@ def test_rewards_are_required_and_accuracy_reward_must_exist():
         recipe_from_dict({})
     with pytest.raises(RecipeError, match="accuracy_reward 'nope'"):
         recipe_from_dict({"rewards": [{"name": "a"}], "eval": {"accuracy_reward": "nope"}})
+
+
+def test_differences_name_the_dotted_key_or_the_whole_section_that_changed_shape():
+    from grpokit.config import differences
+
+    assert differences({"rewards": [{"name": "x", "weight": 1}]}, {"rewards": [{"name": "x", "weight": 2}]}) == [
+        ("rewards.0.weight", 1, 2)]
+    assert differences({"rewards": None, "a": {"b": 1}}, {"rewards": [{"name": "x"}], "a": {"b": 2}}) == [
+        ("rewards", None, [{"name": "x"}]), ("a.b", 1, 2)]
+    assert differences({"a": 1, "gone": 2}, {"a": 1}) == [("gone", 2, None)]

@@ -17,7 +17,7 @@ from conftest import run_cli, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "apple river stone cloud green quiet table window music light paper summer".split()
-REWARD = "grpokit.reward_model:score"
+REWARD = "reward_model"  # registered by grpokit.rewards; "grpokit.reward_model:score" names the same function
 
 
 def planted_pairs(n, seed=0):

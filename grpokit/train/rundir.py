@@ -7,7 +7,6 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -56,20 +55,11 @@ RESUMABLE_CHANGES = ("training.max_steps", "training.eval_every", "training.save
                      "logging.")
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix.rstrip("."): tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}{key}."))
-    return flat
-
-
 def recipe_changes(stored: dict, current: dict) -> list[str]:
     """Recipe keys whose values differ, other than those a resume may change."""
-    old, new = _flatten(stored), _flatten(current)
-    return sorted(k for k in old.keys() | new.keys()
-                  if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    from grpokit.config import differences
+
+    return sorted(key for key, _, _ in differences(stored, current) if not key.startswith(RESUMABLE_CHANGES))
 
 
 def find_resume_checkpoint(output_dir: str, recipe) -> Path | None:
