@@ -66,8 +66,9 @@ def load_target_policy(target: Target, recipe):
     from grpokit.models import load_checkpoint_policy, load_policy
 
     if target.checkpoint is not None:
-        return load_checkpoint_policy(target.checkpoint, recipe.model)
-    return load_policy(recipe.model.model_copy(update={"path": target.model}), beta=0.0, merge_lora=True)
+        return load_checkpoint_policy(target.checkpoint, recipe.model, recipe.rollout.merge_lora)
+    return load_policy(recipe.model.model_copy(update={"path": target.model}), beta=0.0,
+                       merge_lora=recipe.rollout.merge_lora)
 
 
 def load_eval_recipe(target: Target, recipe_path: str | None, overrides: list[str]):

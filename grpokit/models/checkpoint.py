@@ -192,9 +192,10 @@ def load_checkpoint(directory: str | Path, dtype=None, device: str = "cpu", attn
     return model.to(device).eval(), tokenizer
 
 
-def load_checkpoint_policy(directory: str | Path, model_cfg):
+def load_checkpoint_policy(directory: str | Path, model_cfg, merge_lora: bool = True):
     """A checkpoint as a ``Policy`` built exactly as training built it, so an evaluation of the
-    final checkpoint reproduces the run's last eval: same dtype, same merged sampling copy.
+    final checkpoint reproduces the run's last eval: same dtype, and a merged sampling copy exactly
+    when training had one (``merge_lora``, the recipe's rollout.merge_lora).
 
     ``model_cfg`` supplies dtype, device and attention; for a LoRA checkpoint the base model
     and the adapter shape come from ``adapter_config.json``, not the recipe.
@@ -218,7 +219,7 @@ def load_checkpoint_policy(directory: str | Path, model_cfg):
     lora = LoraConfig(r=adapter["r"], alpha=adapter["lora_alpha"], dropout=adapter.get("lora_dropout", 0.0),
                       target_modules=sorted(targets) if isinstance(targets, list) else targets,
                       last_k_layers=len(layers) if isinstance(layers, list) else None)
-    policy = load_policy(model_cfg.model_copy(update={"path": base_path, "lora": lora}), beta=0.0, merge_lora=True)
+    policy = load_policy(model_cfg.model_copy(update={"path": base_path, "lora": lora}), beta=0.0, merge_lora=merge_lora)
     load_trained_weights(policy, directory)
     policy.model.eval()
     return policy
