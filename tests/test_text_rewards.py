@@ -8,7 +8,8 @@ import pytest
 from grpokit.errors import RewardError
 from grpokit.rewards.builtin import format_regex
 from grpokit.rewards.registry import REWARDS
-from grpokit.rewards.text import accuracy, cosine_length, label, length, repetition, tags, two_line_verdict
+from grpokit.rewards.maths import accuracy
+from grpokit.rewards.text import cosine_length, label, length, repetition, tags, two_line_verdict
 
 
 def chat(text):

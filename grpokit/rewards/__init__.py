@@ -10,6 +10,7 @@ from grpokit.rewards import builtin as _builtin  # noqa: F401
 from grpokit.rewards import code as _code  # noqa: F401
 from grpokit.rewards import dialogue as _dialogue  # noqa: F401
 from grpokit.rewards import embedding as _embedding  # noqa: F401
+from grpokit.rewards import maths as _maths  # noqa: F401
 from grpokit.rewards import text as _text  # noqa: F401
 from grpokit.rewards.orchestrator import RewardOrchestrator, Stage
 from grpokit.rewards.registry import REWARDS, group_reward, register, resolve_reward, verl_reward

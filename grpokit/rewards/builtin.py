@@ -53,15 +53,17 @@ def answers_equal(predicted: str | None, reference) -> bool:
     return predicted.strip().lower() == str(reference).strip().lower()
 
 
+def per_row(completions, answer, score) -> list[float | None]:
+    """``score(text, reference)`` per completion; None where there is no reference."""
+    if answer is None:
+        return [None] * len(completions)
+    return [None if ref is None else float(score(completion_text(c), ref)) for c, ref in zip(completions, answer)]
+
+
 @register("answer_match")
 def answer_match(prompts, completions, answer=None, extract: str = "last_number", **_) -> list[float | None]:
     """1.0 for a correct answer, 0.0 otherwise; None for rows without a reference answer."""
-    if answer is None:
-        return [None] * len(completions)
-    return [
-        None if ref is None else float(answers_equal(extract_answer(completion_text(c), extract), ref))
-        for c, ref in zip(completions, answer)
-    ]
+    return per_row(completions, answer, lambda text, ref: answers_equal(extract_answer(text, extract), ref))
 
 
 @register("format_regex")

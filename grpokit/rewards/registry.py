@@ -13,6 +13,12 @@ Three kinds of reward function, all usable from a recipe:
 
 Built-ins declare their kind with ``register(name, kind=...)``; a user function declares
 it with the ``group_reward`` / ``verl_reward`` decorators or the recipe's ``kind`` key.
+
+Where a function runs (``grpokit/rewards/placement.py``) is declared the same way: built-ins
+say ``register(name, run_in="thread")`` when they are thread-safe and bounded in time (the
+default for built-ins), ``run_in="main"`` when they need the main thread (math-verify's
+timeout is a ``signal.alarm``); a user function runs on the main thread, as TRL calls it,
+unless it is marked ``@thread_safe`` or the recipe sets ``run_in``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from grpokit.errors import RewardError
 RewardFn = Callable[..., list]
 Kind = Literal["completion", "group", "verl"]
 KINDS = ("completion", "group", "verl")
+RunIn = Literal["thread", "main", "process"]
+RUN_IN = ("thread", "main", "process")
 REWARDS: dict[str, RewardFn] = {}
 
 
@@ -45,17 +53,32 @@ def verl_reward(fn: RewardFn) -> RewardFn:
     return _mark(fn, "verl")
 
 
+def thread_safe(fn: RewardFn) -> RewardFn:
+    """Mark a user function as safe to call from a worker thread, concurrently with other rewards."""
+    fn.grpokit_run_in = "thread"  # type: ignore[attr-defined]
+    return fn
+
+
 def kind_of(fn: RewardFn) -> Kind:
     return getattr(fn, "grpokit_kind", "completion")
 
 
-def register(name: str, kind: Kind = "completion") -> Callable[[RewardFn], RewardFn]:
+def run_in_of(fn: RewardFn) -> RunIn:
+    """Where ``fn`` runs unless the recipe says otherwise: as declared, else the main thread (TRL's choice)."""
+    return getattr(fn, "grpokit_run_in", "main")
+
+
+def register(name: str, kind: Kind = "completion", run_in: RunIn = "thread") -> Callable[[RewardFn], RewardFn]:
     """Register a reward under ``name``; a second function with the same name is an error."""
+    if run_in not in RUN_IN:
+        raise RewardError(f"run_in must be one of {RUN_IN}, not {run_in!r}")
 
     def add(fn: RewardFn) -> RewardFn:
         if name in REWARDS:
             raise RewardError(f"reward {name!r} is registered twice ({REWARDS[name].__module__} and {fn.__module__})")
         REWARDS[name] = _mark(fn, kind)
+        fn.grpokit_run_in = run_in  # type: ignore[attr-defined]
+        fn.grpokit_builtin = True  # type: ignore[attr-defined]
         return fn
 
     return add

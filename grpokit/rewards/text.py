@@ -3,7 +3,6 @@
 All take TRL's signature ``fn(prompts, completions, **columns) -> list[float | None]``
 (``None`` = no reference for that row) and read string or chat-message completions.
 
-- ``accuracy``: maths answers compared with math-verify, with a last-number fallback.
 - ``label``: classification verdict read from the start of the reply.
 - ``tags``: ``<think>…</think><answer>…</answer>``-style structure, 1/len(tags) per pair.
 - ``two_line_verdict``: a verdict line, then a ``Reason: …`` line, nothing else.
@@ -20,77 +19,17 @@ from __future__ import annotations
 
 import math
 import re
-import threading
 import unicodedata
 
-from math_verify import parse, verify
-
 from grpokit.errors import RewardError
-from grpokit.rewards.builtin import answers_equal, extract_answer, format_regex
+from grpokit.rewards.builtin import format_regex, per_row
+from grpokit.rewards.maths import is_correct
 from grpokit.rewards.registry import register
 from grpokit.rewards.rewardset import completion_text
 
 register("format")(format_regex)
 
 WORDS = re.compile(r"\w+")
-MATH_TIMEOUT_S = 5
-DELIMITED = re.compile(r"(?<!\\)\$|\\boxed|\\\(|\\\[")  # maths markup; "\$18" is a price, not maths
-
-
-def _per_row(completions, answer, score) -> list[float | None]:
-    """``score(text, reference)`` per completion; None where there is no reference."""
-    if answer is None:
-        return [None] * len(completions)
-    return [None if ref is None else float(score(completion_text(c), ref)) for c, ref in zip(completions, answer)]
-
-
-# ---------------------------------------------------------------- accuracy
-
-
-def _math_timeout() -> int | None:
-    # math-verify times out with signal.alarm, which raises outside the main thread;
-    # in a reward thread pool we run without its timeout rather than crash
-    return MATH_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
-
-
-def _reference(answer) -> str:
-    # GSM8K references end in "#### 72": the final answer follows the last "####"
-    return str(answer).split("####")[-1].strip()
-
-
-def _parse_reference(ref: str, timeout: int | None) -> list:
-    if DELIMITED.search(ref):
-        return parse(ref, parsing_timeout=timeout)
-    # bare references parse reliably only as inline maths: "\sqrt{2}" gives nothing
-    # and "(1, 2)" gives 2 unwrapped, the interval (1, 2) inside "$…$"
-    return parse(f"${ref}$", parsing_timeout=timeout) or parse(ref, parsing_timeout=timeout)
-
-
-def is_correct(text: str, answer) -> bool:
-    """math-verify equivalence of reply and reference, else the reply's last number equals it."""
-    ref, timeout = _reference(answer), _math_timeout()
-    gold, pred = _parse_reference(ref, timeout), parse(text, parsing_timeout=timeout)
-    if gold and pred and verify(gold, pred, timeout_seconds=timeout):
-        return True
-    # a boxed answer is the model's explicit choice: a later number ("\boxed{5}; check: 5+1=6")
-    # must not rescue it; otherwise the GSM8K convention (last number) decides
-    if "\\boxed" in text:
-        return False
-    return answers_equal(extract_answer(text, "last_number"), ref)
-
-
-@register("accuracy")
-def accuracy(prompts, completions, answer=None, **_) -> list[float | None]:
-    """1.0 for a mathematically correct answer, else 0.0; None without a reference.
-
-    The reference is the text after the last ``####`` (GSM8K), wrapped in ``$…$`` when it
-    holds no maths delimiters; the reply is parsed by math-verify (``\\boxed{}``, LaTeX,
-    plain numbers). Correct iff ``verify(gold, pred)``, or, when the reply has no
-    ``\\boxed{}``, its last number equals the reference by value (``"1,000"`` = ``"1000.0"``).
-    Safe from worker threads: off the main thread math-verify runs without its
-    signal-based timeout.
-    """
-    return _per_row(completions, answer, is_correct)
 
 
 # ---------------------------------------------------------------- label
@@ -127,7 +66,7 @@ def label(prompts, completions, answer=None, labels=None, **_) -> list[float | N
     first such label in list order when none is a prefix of another); it must equal the
     reference. No allowed label at the start gives 0.0.
     """
-    return _per_row(completions, answer, lambda text, ref: label_matches(text, ref, labels))
+    return per_row(completions, answer, lambda text, ref: label_matches(text, ref, labels))
 
 
 # ---------------------------------------------------------------- tags
@@ -260,7 +199,7 @@ def cosine_value(n: int, correct: bool, max_len: int, min_value_wrong: float = -
     return lo + 0.5 * (hi - lo) * (1.0 + math.cos(progress * math.pi))
 
 
-@register("cosine_length")
+@register("cosine_length", run_in="main")
 def cosine_length(prompts, completions, answer=None, max_len: int = 1000, min_value_wrong: float = -1.0,
                   max_value_wrong: float = -0.5, min_value_correct: float = 0.5, max_value_correct: float = 1.0,
                   **_) -> list[float | None]:
@@ -273,7 +212,7 @@ def cosine_length(prompts, completions, answer=None, max_len: int = 1000, min_va
     = (-0.5, -1.0), rising from -1.0 at n = 0 to -0.5 at max_len. None without a reference.
     """
     values = (min_value_wrong, max_value_wrong, min_value_correct, max_value_correct)
-    return _per_row(completions, answer, lambda text, ref: cosine_value(len(text), is_correct(text, ref), max_len, *values))
+    return per_row(completions, answer, lambda text, ref: cosine_value(len(text), is_correct(text, ref), max_len, *values))
 
 
 # ---------------------------------------------------------------- repetition
