@@ -80,7 +80,7 @@ class DataConfig(Section):
     prompt_field: str = "prompt"
     """Column holding the prompt: a string or a list of chat messages."""
     answer_field: str = "answer"
-    """Column holding the reference answer (passed to rewards as `answer`)."""
+    """Column holding the reference answer: rewards get it as `answer` and under its own name."""
     eval_size: int = Field(128, ge=0)
     """Held-out rows for the before/after evaluation (taken from the test split, or split off)."""
     train_size: int | None = Field(None, ge=1)
@@ -184,6 +184,17 @@ class RewardSpec(Section):
     kind: Literal["completion", "group", "verl"] | None = None
     """completion: TRL's fn(prompts, completions, **columns); group: fn(prompt, group_completions, **row);
     verl: compute_score(data_source, solution_str, ground_truth, extra_info). Default: as the function declares."""
+    factory: bool = False
+    """The name is a factory (open-r1's get_cosine_scaled_reward): it is called once with `args` and returns
+    the reward function, which then gets no bound args."""
+    run_in: Literal["auto", "thread", "main", "process"] = "auto"
+    """Where calls run. thread: a worker thread, concurrently with other rewards (thread-safe code only);
+    main: the main thread, as TRL calls rewards (math-verify's timeout works there); process: a worker process
+    of its own, killed at the timeout (for code that may block inside C or crash). auto: as the function
+    declares (built-ins) or @grpokit.rewards.thread_safe says, else main."""
+    timeout_s: float = Field(120.0, gt=0)
+    """A call (one batch of completions) taking longer counts as a failure of this component for that batch,
+    under reward_shaping.max_consecutive_failures; no reward can stall a step longer."""
 
 
 class CurriculumStage(Section):
@@ -297,6 +308,10 @@ class Recipe(Section):
     """The held-out evaluation before, during and after training."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     """What the run writes besides metrics."""
+    python_path: list[str] = Field(default_factory=list)
+    """Folders searched (after the installed packages) for `module:function` reward names. Loading a recipe
+    file puts its own folder first, so a rewards.py beside the recipe is found; the working directory is
+    searched too. Relative entries are relative to the recipe's folder."""
 
     @model_validator(mode="after")
     def _accuracy_reward_exists(self) -> "Recipe":
@@ -615,7 +630,17 @@ def load_recipe(path: str | Path, overrides: list[str] = (), schema: type[BaseMo
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise RecipeError(f"{where}: malformed YAML: {getattr(exc, 'problem', exc)}") from None
-    return recipe_from_dict(data, origin=str(path), text=text, overrides=overrides, schema=schema)
+    recipe = recipe_from_dict(data, origin=str(path), text=text, overrides=overrides, schema=schema)
+    if isinstance(getattr(recipe, "python_path", None), list):
+        recipe.python_path = anchored_python_path(recipe.python_path, path.resolve().parent)
+    return recipe
+
+
+def anchored_python_path(entries: list[str], folder: Path) -> list[str]:
+    """The recipe's folder first, then its ``python_path`` entries made absolute against that folder:
+    the resolved recipe a run writes still finds the user's reward module from any directory."""
+    absolute = [str(folder), *(str((folder / entry).resolve()) for entry in entries)]
+    return list(dict.fromkeys(absolute))
 
 
 def dump_recipe(recipe: BaseModel) -> str:

@@ -227,25 +227,29 @@ def generate_file(model: str, out: str | Path, num_generations: int, *, recipe_p
         write_json(meta_path(out), meta)
         out.write_bytes(b"")  # a file without its sidecar's job must not be appended to
     policy, reward_set = _load(target, recipe, rewards)
-    with out.open("ab") as handle:
-        for start in sorted({i - i % batch_size for i in todo}):
-            block = all_rows[start:start + batch_size]  # whole blocks of the split, whatever --limit says
-            ids, truncated = encode_prompts(policy.tokenizer, [row["prompt"] for row in block], settings.chat_template,
-                                            settings.system_prompt, settings.max_prompt_length)
-            sampled = sample_block(policy, ids, settings, k, row_seed(settings.seed, start))
-            wanted = [i for i in range(start, start + len(block)) if i in todo_set]
-            lines = []
-            for index in wanted:
-                texts, lengths = sampled[index - start]
-                scores = score_row(reward_set, rows[index], texts) if reward_set else None
-                lines.append(make_line(index, rows[index], texts, lengths, scores, model_name, settings.seed))
-            handle.write(b"".join(lines))
-            handle.flush()
-            os.fsync(handle.fileno())  # a kill now loses at most the next block
-            result.generated += len(wanted)
-            result.truncated_prompts += truncated
-            if progress:
-                progress(result.skipped + result.generated, result.total)
+    try:
+        with out.open("ab") as handle:
+            for start in sorted({i - i % batch_size for i in todo}):
+                block = all_rows[start:start + batch_size]  # whole blocks of the split, whatever --limit says
+                ids, truncated = encode_prompts(policy.tokenizer, [row["prompt"] for row in block], settings.chat_template,
+                                                settings.system_prompt, settings.max_prompt_length)
+                sampled = sample_block(policy, ids, settings, k, row_seed(settings.seed, start))
+                wanted = [i for i in range(start, start + len(block)) if i in todo_set]
+                lines = []
+                for index in wanted:
+                    texts, lengths = sampled[index - start]
+                    scores = score_row(reward_set, rows[index], texts) if reward_set else None
+                    lines.append(make_line(index, rows[index], texts, lengths, scores, model_name, settings.seed))
+                handle.write(b"".join(lines))
+                handle.flush()
+                os.fsync(handle.fileno())  # a kill now loses at most the next block
+                result.generated += len(wanted)
+                result.truncated_prompts += truncated
+                if progress:
+                    progress(result.skipped + result.generated, result.total)
+    finally:
+        if reward_set is not None:
+            reward_set.close()
     return result
 
 
@@ -254,7 +258,7 @@ def _load(target, recipe, with_rewards: bool):
     from grpokit.eval.standalone import load_target_policy
     from grpokit.rewards import RewardSet
 
-    reward_set = RewardSet(recipe.rewards) if with_rewards else None
+    reward_set = RewardSet.from_recipe(recipe) if with_rewards else None
     if reward_set and "total" in reward_set.names:
         raise GenerateError("a reward named 'total' would clash with the total in each line's rewards; rename it")
     return load_target_policy(target, recipe), reward_set

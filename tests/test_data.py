@@ -42,7 +42,8 @@ def test_jsonl_columns_renamed_and_split(tmp_path):
     path.write_text("".join(f'{{"q": "question {i}", "gold": "{i}", "topic": "t"}}\n' for i in range(10)))
     train, held_out = load_splits(DataConfig(source=str(path), prompt_field="q", answer_field="gold", eval_size=3))
     assert len(train) == 7 and len(held_out) == 3
-    assert set(train[0]) == {"prompt", "answer", "topic"}
+    # the answer column also keeps its own name: a TRL function asking for `gold` (or `solution`) gets it
+    assert set(train[0]) == {"prompt", "answer", "gold", "topic"} and train[0]["gold"] == train[0]["answer"]
     assert {r["prompt"] for r in train}.isdisjoint(r["prompt"] for r in held_out)
 
 

@@ -43,8 +43,8 @@ def test_rewardset_weights_and_none_and_column_filtering():
 def test_resolve_reward_errors_name_the_problem():
     with pytest.raises(RewardError, match="unknown reward 'nope'.*answer_match"):
         resolve_reward("nope")
-    with pytest.raises(RewardError, match="cannot import module 'no_such_mod'"):
-        resolve_reward("no_such_mod:fn")
+    with pytest.raises(RewardError, match=r"no module 'no_such_mod' in the installed packages or in the folders searched \(/elsewhere, "):
+        resolve_reward("no_such_mod:fn", ["/elsewhere"])
     with pytest.raises(RewardError, match="has no function 'nothing'"):
         resolve_reward("json:nothing")
     assert resolve_reward("grpokit.rewards.builtin:format_regex") is format_regex

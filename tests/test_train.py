@@ -90,7 +90,7 @@ def test_bad_reward_fails_before_the_run_dir_is_written(tiny_model_dir, tmp_path
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert main(["train", str(path)]) == 2
-    assert "cannot import module 'no_such_module'" in capsys.readouterr().err
+    assert "no module 'no_such_module' in the installed packages" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

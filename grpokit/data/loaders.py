@@ -49,7 +49,8 @@ def _check_messages(prompt: list, where: str, prompt_field: str) -> None:
 
 
 def _normalise(rows: list[dict], source: str, prompt_field: str, answer_field: str) -> list[dict]:
-    """Rename the recipe's prompt/answer columns to ``prompt``/``answer``; check every row has a prompt."""
+    """Rename the recipe's prompt column to ``prompt`` and give its answer column as ``answer`` too (keeping
+    the original name, so open-r1's ``solution`` reaches functions that ask for it); check every prompt."""
     out = []
     for index, row in enumerate(rows):
         where = f"{source}:{row.pop('_line', index + 1)}"
@@ -60,7 +61,7 @@ def _normalise(rows: list[dict], source: str, prompt_field: str, answer_field: s
             raise DataError(f"{where}: {prompt_field!r} is {prompt!r:.40}; expected a non-empty string or list of chat messages")
         if isinstance(prompt, list):
             _check_messages(prompt, where, prompt_field)
-        item: dict[str, Any] = {k: v for k, v in row.items() if k not in (prompt_field, answer_field)}
+        item: dict[str, Any] = {k: v for k, v in row.items() if k != prompt_field}
         item["prompt"] = prompt
         if answer_field in row:
             item["answer"] = row[answer_field]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from grpokit.eval.metrics import bootstrap_interval, distinct_n, pass_at_k, self_bleu
-from grpokit.rewards import RewardSet
+from grpokit.rewards import RewardSet, trainer_state
 from grpokit.rollout import TorchSampler, encode_prompts
 
 
@@ -49,6 +49,7 @@ class EvalSettings:
     top_p: float = 1.0
     top_k: int = 0
     seed: int = 0
+    max_steps: int = 0
 
     @classmethod
     def from_recipe(cls, recipe) -> "EvalSettings":
@@ -59,17 +60,18 @@ class EvalSettings:
             max_completion_length=rollout.max_completion_length, batch_size=ev.batch_size,
             num_samples=ev.num_samples, num_generations=ev.num_generations, pass_k=tuple(ev.pass_k),
             temperature=ev.temperature or rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
-            seed=recipe.training.seed,
+            seed=recipe.training.seed, max_steps=recipe.training.max_steps,
         )
 
 
-def _generate(policy, rows: list[dict], settings: EvalSettings, k: int, greedy: bool) -> tuple[list[str], list[int]]:
-    """Texts and token lengths, ``k`` per row in row order (a row's k completions adjacent)."""
+def _generate(policy, rows: list[dict], settings: EvalSettings, k: int,
+              greedy: bool) -> tuple[list[str], list[int], list[list[int]]]:
+    """Texts, token lengths and token ids, ``k`` per row in row order (a row's k completions adjacent)."""
     generator = None if greedy else torch.Generator(policy.device).manual_seed(settings.seed)
     sampler = TorchSampler(policy, settings.max_completion_length, settings.temperature, settings.top_p,
                            settings.top_k, generator)
     prompts_per_batch = max(1, settings.batch_size // k)
-    texts, lengths = [], []
+    texts, lengths, ids_lists = [], [], []
     for start in range(0, len(rows), prompts_per_batch):
         batch = rows[start:start + prompts_per_batch]
         ids, _ = encode_prompts(policy.tokenizer, [r["prompt"] for r in batch], settings.chat_template,
@@ -77,15 +79,19 @@ def _generate(policy, rows: list[dict], settings: EvalSettings, k: int, greedy: 
         out = sampler.generate(ids, num_generations=k, greedy=greedy)
         texts += policy.tokenizer.batch_decode(out.completion_ids_NC, skip_special_tokens=True)
         lengths += out.completion_lengths_N.tolist()
-    return texts, lengths
+        ids_lists += out.completion_id_lists()
+    return texts, lengths, ids_lists
 
 
-def _score(rows: list[dict], texts: list[str], rewards: RewardSet, accuracy_reward: str, k: int):
-    """Total reward, correctness and per-component means of ``k`` completions per row."""
+def _score(rows: list[dict], texts: list[str], ids_lists: list[list[int]], rewards: RewardSet,
+           settings: EvalSettings, step: int, k: int):
+    """Total reward, correctness and per-component means of ``k`` completions per row; rewards get
+    TRL's ``completion_ids`` and ``trainer_state`` here too, as in training."""
     prompts = [r["prompt"] for r in rows for _ in range(k)]
     columns = columns_of([r for r in rows for _ in range(k)])
-    total_N, parts = rewards(prompts, as_completions(prompts, texts), columns, group_size=k)
-    correct = [v is not None and v >= 1.0 for v in parts[accuracy_reward]]
+    extras = {"completion_ids": ids_lists, "trainer_state": trainer_state(step, settings.max_steps)}
+    total_N, parts = rewards(prompts, as_completions(prompts, texts), columns, group_size=k, extras=extras)
+    correct = [v is not None and v >= 1.0 for v in parts[settings.accuracy_reward]]
     applicable = {name: [v for v in values if v is not None] for name, values in parts.items()}
     means = {name: (mean(v) if v else None) for name, v in applicable.items()}
     return total_N, correct, means
@@ -117,11 +123,12 @@ def sampled_metrics(rows: list[dict], texts: list[str], lengths: list[int], corr
     }
 
 
-def evaluate(policy, rows: list[dict], rewards: RewardSet, settings: EvalSettings) -> dict[str, Any]:
+def evaluate(policy, rows: list[dict], rewards: RewardSet, settings: EvalSettings, step: int = 0) -> dict[str, Any]:
     """Greedy accuracy (with interval and per-row correctness), rewards, lengths, verbatim samples;
-    with ``settings.num_generations`` >= 1 also a ``sampling`` block (pass@k, diversity)."""
-    texts, lengths = _generate(policy, rows, settings, 1, greedy=True)
-    total_N, correct, means = _score(rows, texts, rewards, settings.accuracy_reward, 1)
+    with ``settings.num_generations`` >= 1 also a ``sampling`` block (pass@k, diversity).
+    ``step`` is the training step evaluated (rewards see it as ``trainer_state.global_step``)."""
+    texts, lengths, ids_lists = _generate(policy, rows, settings, 1, greedy=True)
+    total_N, correct, means = _score(rows, texts, ids_lists, rewards, settings, step, 1)
     result: dict[str, Any] = {
         "accuracy": sum(correct) / max(len(rows), 1),
         "accuracy_interval": _interval([float(c) for c in correct], settings.seed),
@@ -140,8 +147,8 @@ def evaluate(policy, rows: list[dict], rewards: RewardSet, settings: EvalSetting
     }
     if settings.num_generations >= 1 and rows:
         k = settings.num_generations
-        s_texts, s_lengths = _generate(policy, rows, settings, k, greedy=False)
-        s_total_N, s_correct, s_means = _score(rows, s_texts, rewards, settings.accuracy_reward, k)
+        s_texts, s_lengths, s_ids = _generate(policy, rows, settings, k, greedy=False)
+        s_total_N, s_correct, s_means = _score(rows, s_texts, s_ids, rewards, settings, step, k)
         result["sampling"] = sampled_metrics(rows, s_texts, s_lengths, s_correct, s_total_N, s_means, settings)
     return result
 

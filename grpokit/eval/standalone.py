@@ -88,6 +88,12 @@ def cli_overrides(data: str | None, num_generations: int | None, pass_k: list[in
     return [f"{key}={value}" for key, value in pairs.items() if value is not None]
 
 
+def checkpoint_step(target: Target) -> int:
+    """The training step of a ``step-N`` checkpoint (what rewards see as ``trainer_state.global_step``); 0 otherwise."""
+    name = target.checkpoint.name if target.checkpoint is not None else ""
+    return int(name.split("-", 1)[1]) if _STEP_NAME.fullmatch(name) else 0
+
+
 def run_evaluation(model: str, *, recipe_path: str | None = None, overrides: list[str] | None = None,
                    name: str | None = None, limit: int | None = None, out: str | None = None,
                    overwrite: bool = False) -> tuple[Path, dict[str, Any]]:
@@ -108,9 +114,9 @@ def run_evaluation(model: str, *, recipe_path: str | None = None, overrides: lis
         raise GrpokitError(f"{destination} already exists; pass --name NEW_NAME to keep it, or --overwrite")
     _, rows = load_splits(recipe.data)
     rows = rows[:limit] if limit else rows
-    rewards = RewardSet(recipe.rewards)
-    policy = load_target_policy(target, recipe)
-    result = {"name": name, "model": str(target.checkpoint or model), "data": recipe.data.source,
-              **evaluate(policy, rows, rewards, EvalSettings.from_recipe(recipe))}
+    with RewardSet.from_recipe(recipe) as rewards:
+        policy = load_target_policy(target, recipe)
+        result = {"name": name, "model": str(target.checkpoint or model), "data": recipe.data.source,
+                  **evaluate(policy, rows, rewards, EvalSettings.from_recipe(recipe), checkpoint_step(target))}
     write_json(destination, result)
     return destination, result

@@ -11,13 +11,14 @@ from grpokit.rewards import code as _code  # noqa: F401
 from grpokit.rewards import dialogue as _dialogue  # noqa: F401
 from grpokit.rewards import embedding as _embedding  # noqa: F401
 from grpokit.rewards import maths as _maths  # noqa: F401
+from grpokit.rewards import openr1 as _openr1  # noqa: F401
 from grpokit.rewards import text as _text  # noqa: F401
 from grpokit.rewards.orchestrator import RewardOrchestrator, Stage
-from grpokit.rewards.registry import REWARDS, group_reward, register, resolve_reward, verl_reward
-from grpokit.rewards.rewardset import RewardSet, Scores, completion_text
+from grpokit.rewards.registry import REWARDS, group_reward, register, resolve_reward, thread_safe, verl_reward
+from grpokit.rewards.rewardset import RewardSet, Scores, completion_text, trainer_state
 
 __all__ = ["REWARDS", "RewardOrchestrator", "RewardSet", "Scores", "Stage", "completion_text", "group_reward",
-           "register", "resolve_reward", "verl_reward"]
+           "register", "resolve_reward", "thread_safe", "trainer_state", "verl_reward"]
 
 
 def build_orchestrator(rewards: RewardSet, shaping) -> RewardOrchestrator:

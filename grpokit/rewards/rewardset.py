@@ -1,105 +1,67 @@
 """Scoring completions with every reward component, isolated from each other's failures.
 
-Components run concurrently in a thread pool (rewards are mostly I/O, regexes, or
-subprocesses, which release the GIL); each one's latency is measured. A component that
-raises or returns a list of the wrong length does not stop the step: its values for
-that batch become missing (``None``), the error is reported once, and the other
-components still count. The orchestrator decides when repeated failure is fatal.
+Each component runs where it is safe (``placement.py``): thread-safe built-ins concurrently
+in a thread pool, user functions on the main thread as TRL calls them, or in a worker
+process; each call has a timeout and its latency is measured. A component that raises,
+times out or returns a list of the wrong length does not stop the step: its values for
+that batch become missing (``None``), the error is reported, and the other components still
+count. The orchestrator decides when repeated failure is fatal.
+
+A component that returns ``None`` for every row of a batch (it applies to nothing: often a
+column it reads has another name in the data) is reported once per run, with the columns it
+got and the ones it names.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
-import math
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
+from statistics import mean
+from types import SimpleNamespace
 from typing import Any
 
-from grpokit.errors import RewardError
+from grpokit.rewards.component import TRL_EXTRAS, CallLog, Outcome, RewardComponent, completion_text
 from grpokit.rewards.orchestrator import RewardOrchestrator
-from grpokit.rewards.registry import kind_of, resolve_reward
+from grpokit.rewards.placement import ProcessWorker, RewardTimeout, call_in_thread, call_on_main_thread
 
 log = logging.getLogger(__name__)
-TRL_EXTRAS = ("completion_ids", "trainer_state")
+__all__ = ["RewardSet", "Scores", "completion_text", "trainer_state"]
 
 
-def completion_text(completion: Any) -> str:
-    """Text of a completion in TRL's standard (string) or conversational (message list) form."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
-    if isinstance(completion, list) and not completion:
-        return ""
-    raise RewardError(f"a completion must be a string or a list of chat messages, got {type(completion).__name__}")
-
-
-def _clean(values: Any, expected: int) -> list[float | None]:
-    if not isinstance(values, (list, tuple)) or len(values) != expected:
-        got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
-        raise RewardError(f"returned {got} values for {expected} completions")
-    return [None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v) for v in values]
-
-
-class RewardComponent:
-    """One recipe reward: the resolved function, its kind, its bound args and its weight."""
-
-    def __init__(self, name: str, weight: float, args: dict[str, Any], kind: str | None = None):
-        self.name, self.weight = name, weight
-        fn = resolve_reward(name)
-        self.kind = kind or kind_of(fn)
-        self.fn = functools.partial(fn, **args) if args else fn
-        prepare = getattr(fn, "grpokit_prepare", None)
-        if prepare is not None:  # e.g. the code sandbox probes and logs its protections at start
-            prepare()
-        params = inspect.signature(fn).parameters.values()
-        # TRL passes every column; a function without **kwargs gets only what it names
-        self.accepts_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-        self.accepted = {p.name for p in params}
-
-    def _kwargs(self, columns: dict[str, Any]) -> dict[str, Any]:
-        return columns if self.accepts_all else {k: v for k, v in columns.items() if k in self.accepted}
-
-    def __call__(self, prompts: list, completions: list, columns: dict[str, list], group_size: int) -> list[float | None]:
-        if self.kind == "completion":
-            return _clean(self.fn(prompts=prompts, completions=completions, **self._kwargs(columns)), len(completions))
-        if self.kind == "group":
-            values = []
-            for start in range(0, len(completions), group_size):
-                row = {k: v[start] for k, v in columns.items() if k not in TRL_EXTRAS}
-                group = completions[start:start + group_size]
-                values += _clean(self.fn(prompts[start], group, **self._kwargs(row)), len(group))
-            return values
-        return [self._verl_one(c, {k: v[i] for k, v in columns.items()}) for i, c in enumerate(completions)]
-
-    def _verl_one(self, completion: Any, row: dict[str, Any]) -> float | None:
-        """verl's ``compute_score(data_source, solution_str, ground_truth, extra_info)``."""
-        extra = {k: v for k, v in row.items() if k not in ("data_source", "answer", *TRL_EXTRAS)}
-        score = self.fn(data_source=row.get("data_source", "grpokit"), solution_str=completion_text(completion),
-                        ground_truth=row.get("answer"), extra_info=extra)
-        score = score.get("score") if isinstance(score, dict) else score
-        return None if score is None else float(score)
+def trainer_state(step: int, max_steps: int) -> SimpleNamespace:
+    """TRL's ``trainer_state`` as reward functions read it (``.global_step``, ``.max_steps``)."""
+    return SimpleNamespace(global_step=step, max_steps=max_steps)
 
 
 @dataclass
 class Scores:
-    """Raw values per component (``None`` = missing), latency in seconds, and failures."""
+    """Raw values per component (``None`` = missing), latency in seconds, failures, and what the
+    functions logged through TRL's ``log_metric`` (mean per name) and ``log_extra`` (columns)."""
 
     parts: dict[str, list[float | None]]
     latency_s: dict[str, float] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    logged_metrics: dict[str, float] = field(default_factory=dict)
+    logged_extra: dict[str, list] = field(default_factory=dict)
 
 
 class RewardSet:
-    """Every component of a recipe, scored concurrently."""
+    """Every component of a recipe, each run where it is safe; ``close()`` (or ``with``) ends its workers."""
 
-    def __init__(self, specs: list, max_workers: int = 8):
-        self.components = [RewardComponent(s.name, s.weight, dict(s.args), getattr(s, "kind", None)) for s in specs]
-        self._pool = ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(self.components))),
-                                        thread_name_prefix="reward")
+    def __init__(self, specs: list, search_path: list[str] = ()):
+        self.components = [RewardComponent(s, search_path) for s in specs]
+        self.workers = {c.name: ProcessWorker(c.spec, search_path) for c in self.components if c.run_in == "process"}
+        self._search_path = list(search_path)
+        self._warned_inapplicable: set[str] = set()
+
+    @classmethod
+    def from_recipe(cls, recipe) -> "RewardSet":
+        """The recipe's rewards, with its ``python_path`` (the recipe's folder first) searched for user modules."""
+        return cls(recipe.rewards, recipe.python_path)
 
     @property
     def names(self) -> list[str]:
@@ -109,30 +71,96 @@ class RewardSet:
     def weights(self) -> dict[str, float]:
         return {c.name: c.weight for c in self.components}
 
+    def _worker(self, component: RewardComponent) -> ProcessWorker:
+        # a main-thread component scored from another thread cannot be signalled there: it gets a process
+        if component.name not in self.workers:
+            self.workers[component.name] = ProcessWorker(component.spec, self._search_path)
+        return self.workers[component.name]
+
     def score(self, prompts: list, completions: list, columns: dict[str, list], group_size: int = 1,
               extras: dict[str, Any] | None = None) -> Scores:
         """Score N completions; ``extras`` (TRL's completion_ids, trainer_state) reach functions that accept them."""
-        columns = {**columns, **(extras or {})}
-
-        def run(component: RewardComponent):
-            t0 = time.perf_counter()
+        payload = (prompts, completions, {**columns, **(extras or {})}, group_size)
+        on_main = threading.current_thread() is threading.main_thread()
+        placement = {c.name: ("process" if c.run_in == "main" and not on_main else c.run_in) for c in self.components}
+        started, pending, latency = {}, {}, {}  # pending: a Future (thread) or the error that kept it from starting
+        for component in self.components:  # start the concurrent ones first, so they overlap the main-thread ones
+            where, started[component.name] = placement[component.name], time.perf_counter()
             try:
-                return component(prompts, completions, columns, group_size), None, time.perf_counter() - t0
-            except Exception as exc:  # isolate: one broken reward must not stop the step
-                return [None] * len(completions), f"{type(exc).__name__}: {exc}", time.perf_counter() - t0
+                if where == "thread":
+                    pending[component.name] = call_in_thread(component, payload)
+                elif where == "process":
+                    self._worker(component).send(payload)
+            except Exception as exc:  # a worker that cannot start fails this batch, like a raising reward
+                pending[component.name] = exc
+        outcomes: dict[str, Outcome | BaseException] = {}
+        for component in self.components:
+            name, where = component.name, placement[component.name]
+            if isinstance(pending.get(name), BaseException):
+                outcomes[name], latency[name] = pending[name], 0.0
+                continue
+            try:
+                if where == "main":
+                    outcomes[name] = call_on_main_thread(lambda c=component: c(*payload), component.timeout_s)
+                elif where == "process":
+                    outcomes[name] = self.workers[name].result(component.timeout_s)
+                else:
+                    waited = time.perf_counter() - started[name]
+                    outcomes[name] = pending[name].result(timeout=max(0.0, component.timeout_s - waited))
+            except FutureTimeout:
+                outcomes[name] = RewardTimeout(f"timed out after {component.timeout_s:g} s (the call goes on in "
+                                               "its thread; its values for this batch are missing)")
+            except (Exception, RewardTimeout) as exc:  # isolate: one broken reward must not stop the step
+                outcomes[name] = exc
+            latency[name] = time.perf_counter() - started[name]
+        return self._collect(outcomes, latency, columns, len(completions))
 
-        scores = Scores(parts={})
-        for component, (values, error, seconds) in zip(self.components, self._pool.map(run, self.components)):
-            scores.parts[component.name] = values
-            scores.latency_s[component.name] = seconds
-            if error:
+    def _collect(self, outcomes: dict, latency: dict[str, float], columns: dict[str, list], n: int) -> Scores:
+        scores = Scores(parts={}, latency_s=latency)
+        for component in self.components:
+            name, outcome = component.name, outcomes[component.name]
+            if isinstance(outcome, BaseException):
                 prompt_id = columns.get("id", [None])[0] if "id" in columns else 0
-                scores.errors[component.name] = error
-                log.warning("reward %r failed on this batch (first prompt id %s): %s", component.name, prompt_id, error)
+                scores.errors[name] = f"{type(outcome).__name__}: {outcome}"
+                scores.parts[name] = [None] * n
+                log.warning("reward %r failed on this batch (first prompt id %s): %s", name, prompt_id,
+                            scores.errors[name])
+                continue
+            scores.parts[name] = outcome.values
+            self._merge_log(scores, name, outcome.log)
+            if n and all(v is None for v in outcome.values):
+                self._warn_inapplicable(component, columns)
         return scores
 
-    def __call__(self, prompts: list, completions: list, columns: dict[str, list], group_size: int = 1):
+    @staticmethod
+    def _merge_log(scores: Scores, name: str, logged: CallLog) -> None:
+        scores.logged_metrics.update({f"{name}/{key}": mean(values) for key, values in logged.metrics.items() if values})
+        scores.logged_extra.update({f"{name}/{key}": values for key, values in logged.extra.items()})
+
+    def _warn_inapplicable(self, component: RewardComponent, columns: dict[str, list]) -> None:
+        if component.name in self._warned_inapplicable:
+            return
+        self._warned_inapplicable.add(component.name)
+        have = sorted(k for k in columns if k not in TRL_EXTRAS)
+        lacking = [c for c in component.named_columns if c not in columns]
+        hint = (f"it reads {lacking}, which the data does not have; rename the column (data.answer_field for "
+                "`answer`) or pass the right one" if lacking else "check that its columns hold what it expects")
+        log.warning("reward %r returned None (does not apply) for every completion of a batch, so it teaches nothing: "
+                    "the columns were %s; %s. Reported once per run.", component.name, have, hint)
+
+    def __call__(self, prompts: list, completions: list, columns: dict[str, list], group_size: int = 1,
+                 extras: dict[str, Any] | None = None):
         """Weighted sum of raw values and the parts, for evaluation (no normalisation, no state)."""
-        scores = self.score(prompts, completions, columns, group_size)
+        scores = self.score(prompts, completions, columns, group_size, extras)
         total_N, _ = RewardOrchestrator(self.weights).combine(scores.parts, step=0, update=False)
         return total_N, scores.parts
+
+    def close(self) -> None:
+        for worker in self.workers.values():
+            worker.close()
+
+    def __enter__(self) -> "RewardSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -8,10 +8,12 @@ All take TRL's signature ``fn(prompts, completions, **columns) -> list[float | N
 - ``two_line_verdict``: a verdict line, then a ``Reason: …`` line, nothing else.
 - ``length``: trapezoid in words or characters, 1.0 inside [min_len, max_len].
 - ``cosine_length``: Yeo et al. 2025 (arXiv:2502.03373) cosine length scaling by
-  correctness, as open-r1's ``get_cosine_scaled_reward`` except that lengths past
-  ``max_len`` are clipped (open-r1's cosine turns back up there) and the paper's
-  separate exceed-length penalty is left out.
-- ``repetition``: open-r1's ``get_repetition_penalty_reward`` (n-gram repetition).
+  correctness. By default as TRL's ``get_cosine_scaled_reward`` in form (lengths past
+  ``max_len`` clipped) but in characters; ``unit="tokens"`` counts tokens as TRL does,
+  ``clip=False`` is open-r1's unclipped form (its cosine turns back up past ``max_len``).
+  The paper's separate exceed-length penalty is left out.
+- ``repetition``: n-gram repetition penalty: open-r1's ``get_repetition_penalty_reward``
+  on words (``language`` "en" or "zh"), or TRL's on token ids (``unit="tokens"``).
 - ``format``: another name for ``format_regex`` (the same function).
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from typing import Callable
 
 from grpokit.errors import RewardError
 from grpokit.rewards.builtin import format_regex, per_row
@@ -167,6 +170,33 @@ def _size(text: str, unit: str) -> int:
     raise RewardError(f"length unit must be 'words' or 'chars', not {unit!r} (no tokenizer here)")
 
 
+SIZE_UNITS = ("chars", "words", "tokens")
+
+
+def completion_sizes(completions, unit: str, completion_ids=None) -> list[int]:
+    """Each completion's length in ``unit``: code points, whitespace-split words, or tokens.
+
+    Tokens are ``len(completion_ids[i])``, the ids the trainer passes as TRL does (EOS
+    included, padding not), so no tokenizer is needed here; a call without them (e.g.
+    scoring saved completions) cannot count tokens and says so.
+    """
+    if unit not in SIZE_UNITS:
+        raise RewardError(f"length unit must be one of {SIZE_UNITS}, not {unit!r}")
+    if unit == "tokens":
+        return [len(ids) for ids in token_ids(completions, completion_ids)]
+    return [_size(completion_text(c), unit) for c in completions]
+
+
+def token_ids(completions, completion_ids) -> list[list[int]]:
+    """The trainer's ``completion_ids``, one list per completion; an error when the call has none."""
+    if completion_ids is None:
+        raise RewardError("unit 'tokens' counts the trainer's completion_ids, which this call did not pass; "
+                          "use unit 'chars' or 'words' to score text alone")
+    if len(completion_ids) != len(completions):
+        raise RewardError(f"{len(completion_ids)} completion_ids for {len(completions)} completions")
+    return [list(ids) for ids in completion_ids]
+
+
 def length_score(n: int, min_len: int, max_len: int) -> float:
     """Trapezoid: n/min_len below min_len, 1.0 on [min_len, max_len], 2 - n/max_len after, floored at 0."""
     if not 0 <= min_len <= max_len or max_len <= 0:
@@ -191,9 +221,10 @@ def length(prompts, completions, min_len: int = 10, max_len: int = 500, unit: st
 
 
 def cosine_value(n: int, correct: bool, max_len: int, min_value_wrong: float = -1.0, max_value_wrong: float = -0.5,
-                 min_value_correct: float = 0.5, max_value_correct: float = 1.0) -> float:
-    """``lo + 0.5 * (hi - lo) * (1 + cos(pi * min(n / max_len, 1)))``; hi at n = 0, lo at max_len."""
-    progress = min(n / max_len, 1.0)  # clipped: unclipped, a 2*max_len reply would score as a 0-length one
+                 min_value_correct: float = 0.5, max_value_correct: float = 1.0, clip: bool = True) -> float:
+    """``lo + 0.5 * (hi - lo) * (1 + cos(pi * p))``, p = n / max_len (clipped to 1); hi at n = 0, lo at max_len."""
+    # clipped, a reply past max_len stays at lo; unclipped (open-r1), 2 * max_len scores as a 0-length reply
+    progress = min(n / max_len, 1.0) if clip else n / max_len
     # correct: short is best (1.0 -> 0.5); wrong: long is least bad (-1.0 -> -0.5)
     lo, hi = (min_value_correct, max_value_correct) if correct else (max_value_wrong, min_value_wrong)
     return lo + 0.5 * (hi - lo) * (1.0 + math.cos(progress * math.pi))
@@ -202,39 +233,86 @@ def cosine_value(n: int, correct: bool, max_len: int, min_value_wrong: float = -
 @register("cosine_length", run_in="main")
 def cosine_length(prompts, completions, answer=None, max_len: int = 1000, min_value_wrong: float = -1.0,
                   max_value_wrong: float = -0.5, min_value_correct: float = 0.5, max_value_correct: float = 1.0,
-                  **_) -> list[float | None]:
-    """Cosine length scaling by correctness (Yeo et al. 2025, arXiv:2502.03373; open-r1).
+                  clip: bool = True, unit: str = "chars", completion_ids=None, **_) -> list[float | None]:
+    """Cosine length scaling by correctness (Yeo et al. 2025, arXiv:2502.03373; open-r1, TRL).
 
-    With n = len(reply) in characters, p = min(n / max_len, 1) and correctness from
-    ``accuracy``: ``r = lo + 0.5 * (hi - lo) * (1 + cos(pi * p))`` where for a correct reply
-    (lo, hi) = (min_value_correct, max_value_correct) = (0.5, 1.0), falling from 1.0 at
-    n = 0 to 0.5 at max_len; for a wrong one (lo, hi) = (max_value_wrong, min_value_wrong)
-    = (-0.5, -1.0), rising from -1.0 at n = 0 to -0.5 at max_len. None without a reference.
+    With n the reply's length in ``unit`` ("chars": code points; "words"; "tokens":
+    ``len(completion_ids[i])``), p = min(n / max_len, 1) (``clip=False``: p = n / max_len)
+    and correctness from ``accuracy``'s judge: ``r = lo + 0.5 * (hi - lo) * (1 + cos(pi * p))``
+    where for a correct reply (lo, hi) = (min_value_correct, max_value_correct) = (0.5, 1.0),
+    falling from 1.0 at n = 0 to 0.5 at max_len; for a wrong one (lo, hi) =
+    (max_value_wrong, min_value_wrong) = (-0.5, -1.0), rising from -1.0 at n = 0 to -0.5 at
+    max_len. None without a reference.
+
+    ``unit="tokens"`` (clipped) is TRL's ``get_cosine_scaled_reward``; ``clip=False`` in
+    chars is open-r1's, whose cosine turns back up past max_len (a wrong reply of
+    2 * max_len scores -1.0 again, a correct one 1.0). The two differ from this only in
+    their maths judge, and open-r1 scores 1.0 where its judge cannot parse the reference.
     """
-    values = (min_value_wrong, max_value_wrong, min_value_correct, max_value_correct)
-    return per_row(completions, answer, lambda text, ref: cosine_value(len(text), is_correct(text, ref), max_len, *values))
+    if max_len <= 0:
+        raise RewardError(f"cosine_length max_len must be > 0, got {max_len}")
+    sizes = completion_sizes(completions, unit, completion_ids)
+    if answer is None:
+        return [None] * len(completions)
+    bounds = (min_value_wrong, max_value_wrong, min_value_correct, max_value_correct)
+    return [None if ref is None else cosine_value(n, is_correct(completion_text(c), ref), max_len, *bounds, clip=clip)
+            for c, ref, n in zip(completions, answer, sizes)]
 
 
 # ---------------------------------------------------------------- repetition
 
+LANGUAGES = ("en", "zh")
 
-def repetition_score(text: str, ngram_size: int, max_penalty: float) -> float:
-    words = text.lower().split()
-    if len(words) < ngram_size:
+
+def word_splitter(language: str) -> Callable[[str], list[str]]:
+    """Words as open-r1 splits them: "en" lower-cased on whitespace, "zh" by jieba (no lower-casing)."""
+    if language == "en":
+        return lambda text: text.lower().split()
+    if language != "zh":
+        raise RewardError(f"repetition language must be one of {LANGUAGES}, not {language!r}")
+    try:
+        import jieba  # optional: only Chinese segmentation needs it
+    except ImportError:
+        raise RewardError("repetition language 'zh' segments words with jieba, which is not installed: "
+                          "pip install jieba") from None
+    # jieba.cut keeps whitespace and punctuation as segments ("苹果 我" -> 苹果, " ", 我), as open-r1 counts them
+    return lambda text: list(jieba.cut(text))
+
+
+def ngram_penalty(units: list, ngram_size: int, max_penalty: float) -> float:
+    """``(1 - unique / total n-grams) * max_penalty``; 0.0 with fewer than ``ngram_size`` units."""
+    if len(units) < ngram_size:
         return 0.0
-    ngrams = list(zip(*(words[i:] for i in range(ngram_size))))
+    ngrams = list(zip(*(units[i:] for i in range(ngram_size))))
     return (1.0 - len(set(ngrams)) / len(ngrams)) * max_penalty + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
 @register("repetition")
-def repetition(prompts, completions, ngram_size: int = 3, max_penalty: float = -1.0, **_) -> list[float]:
-    """N-gram repetition penalty (open-r1's ``get_repetition_penalty_reward``).
+def repetition(prompts, completions, ngram_size: int = 3, max_penalty: float = -1.0, language: str = "en",
+               unit: str = "words", completion_ids=None, **_) -> list[float]:
+    """N-gram repetition penalty (Yeo et al. 2025, arXiv:2502.03373, appendix C.2).
 
-    Words are the lower-cased whitespace split; with fewer than ``ngram_size`` words
-    (empty reply included) the reward is 0.0, else
-    ``(1 - unique_ngrams / total_ngrams) * max_penalty`` (0 for no repeats, towards
-    ``max_penalty`` <= 0 as the reply repeats itself).
+    ``r = (1 - unique_ngrams / total_ngrams) * max_penalty`` over the reply's n-grams of
+    ``ngram_size`` consecutive units: 0 for no repeats, towards ``max_penalty`` <= 0 as the
+    reply repeats itself; 0.0 with fewer than ``ngram_size`` units (empty reply included).
+
+    Units are, with ``unit="words"``, words split as open-r1's
+    ``get_repetition_penalty_reward(ngram_size, max_penalty, language)`` does: ``language``
+    "en" lower-cases and splits on whitespace; "zh" segments with ``jieba.cut`` as is (no
+    lower-casing; whitespace and punctuation are segments too) and needs ``pip install
+    jieba``. With ``unit="tokens"``, units are the completion's token ids, as TRL's
+    ``get_repetition_penalty_reward(ngram_size, max_penalty)`` counts them (``language``
+    does not apply).
     """
     if max_penalty > 0:
         raise RewardError(f"repetition max_penalty must be <= 0, got {max_penalty}")
-    return [repetition_score(completion_text(c), ngram_size, max_penalty) for c in completions]
+    if ngram_size < 1:
+        raise RewardError(f"repetition ngram_size must be >= 1, got {ngram_size}")
+    if unit == "tokens":
+        if language != "en":
+            raise RewardError(f"repetition language {language!r} applies to unit 'words'; unit 'tokens' counts token ids")
+        return [ngram_penalty(ids, ngram_size, max_penalty) for ids in token_ids(completions, completion_ids)]
+    if unit != "words":
+        raise RewardError(f"repetition unit must be 'words' or 'tokens', not {unit!r}")
+    split = word_splitter(language)
+    return [ngram_penalty(split(completion_text(c)), ngram_size, max_penalty) for c in completions]

@@ -30,6 +30,10 @@ class Rollouts:
     def completion_lengths_N(self) -> torch.Tensor:
         return self.completion_mask_NC.sum(dim=1)
 
+    def completion_id_lists(self) -> list[list[int]]:
+        """Each completion's generated token ids, padding dropped: TRL's ``completion_ids`` reward argument."""
+        return [ids_C[mask_C.bool()].tolist() for ids_C, mask_C in zip(self.completion_ids_NC, self.completion_mask_NC)]
+
     def select(self, rows_M: torch.Tensor) -> "Rollouts":
         """The sequences at ``rows_M``, in that order."""
         return Rollouts(self.prompt_ids_NP[rows_M], self.prompt_mask_NP[rows_M], self.completion_ids_NC[rows_M],

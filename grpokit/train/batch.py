@@ -12,13 +12,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
 from grpokit.algo import group_advantages, overlong_penalty, zero_spread_groups
 from grpokit.algo.replay import groups_from_batch, replay_count
 from grpokit.eval.runner import as_completions, columns_of
+from grpokit.rewards import trainer_state
 from grpokit.rollout import Rollouts, concat_rollouts, encode_prompts
 
 
@@ -33,6 +33,7 @@ class Round:
     parts: dict[str, list]
     latency_s: dict[str, float]
     shaping_metrics: dict[str, float]
+    logged_extra: dict[str, list]  # columns reward functions gave TRL's log_extra, one value per completion
 
 
 @dataclass
@@ -56,23 +57,24 @@ def sample_round(run, rows: list[dict], step: int) -> Round:
 
 def score(run, rows: list[dict], texts: list[str], rollouts: Rollouts, step: int):
     """Rewards for the G completions of each row (the row's columns repeated G times):
-    ``(total_N, raw parts, latency per component, orchestrator metrics)``."""
+    ``(total_N, raw parts, latency per component, orchestrator metrics, log_extra columns)``."""
     G, algo = run.recipe.rollout.num_generations, run.recipe.algorithm
     group_rows = [row for row in rows for _ in range(G)]
     prompts = [row["prompt"] for row in group_rows]
-    ids_NC, mask_NC = rollouts.completion_ids_NC, rollouts.completion_mask_NC
-    extras = {"completion_ids": [ids[mask.bool()].tolist() for ids, mask in zip(ids_NC, mask_NC)],
-              "trainer_state": SimpleNamespace(global_step=step, max_steps=run.recipe.training.max_steps)}
+    extras = {"completion_ids": rollouts.completion_id_lists(),
+              "trainer_state": trainer_state(step, run.recipe.training.max_steps)}
     scores = run.rewards.score(prompts, as_completions(prompts, texts), columns_of(group_rows), G, extras)
     run.orchestrator.record_failures(scores.errors)
     rewards_N, shaping = run.orchestrator.combine(scores.parts, step)
+    # what reward functions reported through TRL's log_metric, beside the orchestrator's figures
+    shaping.update({f"reward_log/{key}": value for key, value in scores.logged_metrics.items()})
     parts = dict(scores.parts)
     if algo.overlong_buffer:
         penalty_N = overlong_penalty(rollouts.completion_lengths_N, run.recipe.rollout.max_completion_length,
                                      algo.overlong_buffer, algo.overlong_penalty)
         rewards_N = rewards_N + penalty_N
         parts["overlong_penalty"] = penalty_N.tolist()
-    return rewards_N, parts, scores.latency_s, shaping
+    return rewards_N, parts, scores.latency_s, shaping, scores.logged_extra
 
 
 def _take_groups(rnd: Round, groups: list[int], G: int) -> tuple[list[dict], Rollouts, torch.Tensor]:

@@ -72,7 +72,7 @@ def setup(recipe: Recipe) -> Run:
         torch.set_num_threads(training.num_threads)
     torch.manual_seed(training.seed)
     train_rows, eval_rows = load_splits(recipe.data)
-    rewards = RewardSet(recipe.rewards)  # before the model: a bad reward fails in a second
+    rewards = RewardSet.from_recipe(recipe)  # before the model: a bad reward fails in a second
     check_trackers(recipe.logging)
     policy = load_policy(recipe.model, recipe.algorithm.beta, recipe.rollout.merge_lora)
     rollout = recipe.rollout
@@ -132,7 +132,7 @@ def reward_metrics(rounds: list) -> dict[str, float]:
 
 def run_eval(run: Run, step: int, run_dir: Path, logger: RunLogger) -> dict[str, Any]:
     """Evaluate on the fixed held-out rows; write eval/step-N.json and an eval line."""
-    result = evaluate(run.policy, run.eval_rows, run.rewards, EvalSettings.from_recipe(run.recipe))
+    result = evaluate(run.policy, run.eval_rows, run.rewards, EvalSettings.from_recipe(run.recipe), step)
     result["step"] = step
     log.info("eval at step %d: accuracy %.1f%% (%d held-out rows), mean reward %.3f",
              step, 100 * result["accuracy"], result["num_examples"], result["reward"])
@@ -145,9 +145,11 @@ def write_samples(run: Run, step: int, batch: Batch, logger: RunLogger) -> None:
     """A few completions of the step's first round, spread over its groups, with their rewards."""
     rnd, G, k = batch.fresh[0], run.recipe.rollout.num_generations, run.recipe.logging.num_samples
     picks = list(range(0, len(rnd.texts), max(1, len(rnd.texts) // k)))[:k]
+    extra = {column: values for column, values in rnd.logged_extra.items() if len(values) == len(rnd.texts)}
     logger.samples(step, [{"prompt": rnd.rows[i // G]["prompt"], "completion": rnd.texts[i],
                            "answer": rnd.rows[i // G].get("answer"), "reward": rnd.rewards_N[i].item(),
-                           "rewards": {name: values[i] for name, values in rnd.parts.items()}} for i in picks])
+                           "rewards": {name: values[i] for name, values in rnd.parts.items()},
+                           **({"extra": {c: v[i] for c, v in extra.items()}} if extra else {})} for i in picks])
 
 
 def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progress: ProgressFn | None = None) -> Path:
@@ -224,6 +226,8 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
         run_info.update(status="failed", error=f"{type(exc).__name__}: {exc}", failed=now_iso())
         write_json(run_dir / "run.json", run_info)
         raise
+    finally:
+        run.rewards.close()
     logger.close()
     run_info.update(status="finished", finished=now_iso(), steps=final, wall_s=prior_wall + time.perf_counter() - t_start)
     write_json(run_dir / "run.json", run_info)
@@ -286,7 +290,10 @@ def dry_run(recipe: Recipe, num_prompts: int = 2) -> dict[str, Any]:
     """Validate everything a run needs and sample once, without writing a run directory."""
     t0 = time.perf_counter()
     run = setup(recipe)
-    rnd = sample_round(run, run.train_rows[:num_prompts], step=0)
+    try:
+        rnd = sample_round(run, run.train_rows[:num_prompts], step=0)
+    finally:
+        run.rewards.close()
     rows, rollouts, texts, total_N = rnd.rows, rnd.rollouts, rnd.texts, rnd.rewards_N
     params = sum(p.numel() for p in run.policy.model.parameters())
     trainable = sum(p.numel() for p in run.policy.trainable_parameters())

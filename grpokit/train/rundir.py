@@ -52,7 +52,7 @@ def now_iso() -> str:
 # what a resumed run may change: how long it goes on and what it logs, never what it learns from
 RESUMABLE_CHANGES = ("training.max_steps", "training.eval_every", "training.save_every", "training.keep_checkpoints",
                      "training.max_consecutive_skips", "training.num_threads", "eval.batch_size", "eval.num_samples",
-                     "logging.")
+                     "logging.", "python_path")
 
 
 def recipe_changes(stored: dict, current: dict) -> list[str]:
