@@ -74,7 +74,8 @@ class ModelConfig(Section):
 
 class DataConfig(Section):
     source: str = "builtin:larger_number"
-    """"builtin:<task>", "gsm8k" (from ../shared/data/gsm8k or data.path), or a .jsonl/.json file."""
+    """"builtin:<task>", "gsm8k" (from ../shared/data/gsm8k or data.path), or a .jsonl/.json file (relative to the
+    working directory, else to the recipe's folder)."""
     path: str | None = None
     """Directory of the GSM8K files (train.jsonl, test.jsonl) when source is "gsm8k"."""
     prompt_field: str = "prompt"
@@ -631,8 +632,14 @@ def load_recipe(path: str | Path, overrides: list[str] = (), schema: type[BaseMo
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise RecipeError(f"{where}: malformed YAML: {getattr(exc, 'problem', exc)}") from None
     recipe = recipe_from_dict(data, origin=str(path), text=text, overrides=overrides, schema=schema)
+    folder = path.resolve().parent
     if isinstance(getattr(recipe, "python_path", None), list):
-        recipe.python_path = anchored_python_path(recipe.python_path, path.resolve().parent)
+        recipe.python_path = anchored_python_path(recipe.python_path, folder)
+    source = getattr(getattr(recipe, "data", None), "source", None)
+    if isinstance(source, str) and source.endswith((".jsonl", ".json")) and not Path(source).is_absolute() \
+            and not Path(source).exists() and (folder / source).is_file():
+        # a data file beside the recipe is found from any working directory, as its rewards module is
+        recipe.data.source = str(folder / source)
     return recipe
 
 

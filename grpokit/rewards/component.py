@@ -19,13 +19,16 @@ import functools
 import inspect
 import math
 import numbers
+import time
 from dataclasses import dataclass, field
 from typing import Any, SupportsFloat
 
 from grpokit.errors import RewardError
 from grpokit.rewards.registry import RUN_IN, kind_of, resolve_reward, run_in_of
 
-TRL_EXTRAS = ("completion_ids", "trainer_state", "log_metric", "log_extra")
+BATCH_EXTRAS = ("completion_ids", "trainer_state")  # what the trainer knows of the batch
+LOGGERS = ("log_metric", "log_extra")  # callables a function reports through
+TRL_EXTRAS = BATCH_EXTRAS + LOGGERS
 POSITIONAL = ("prompts", "completions", "prompt")
 
 
@@ -75,10 +78,11 @@ class CallLog:
 
 @dataclass
 class Outcome:
-    """A component's values for one batch, with what it logged."""
+    """A component's values for one batch, with what it logged and how long the call took where it ran."""
 
     values: list[float | None]
     log: CallLog
+    seconds: float = 0.0
 
 
 def _parameters(fn) -> tuple[bool, set[str]]:
@@ -147,7 +151,12 @@ class RewardComponent:
         return {k: v for k, v in columns.items() if k in self.accepted and k not in self.bound}
 
     def __call__(self, prompts: list, completions: list, columns: dict[str, list], group_size: int) -> Outcome:
-        log = CallLog()
+        t0, log = time.perf_counter(), CallLog()
+        values = self._values(prompts, completions, columns, group_size, log)
+        return Outcome(values, log, time.perf_counter() - t0)
+
+    def _values(self, prompts: list, completions: list, columns: dict[str, list], group_size: int,
+                log: CallLog) -> list[float | None]:
         columns = {**columns, "log_metric": log.log_metric, "log_extra": log.log_extra}
         if self.kind == "completion":
             # TRL passes prompts= to every function; one that does not take them still gets its completions
@@ -156,14 +165,14 @@ class RewardComponent:
         elif self.kind == "group":
             values = []
             for start in range(0, len(completions), group_size):
-                row = {k: (v if k in TRL_EXTRAS[2:] else v[start]) for k, v in columns.items()
-                       if k not in TRL_EXTRAS[:2]}
+                row = {k: (v if k in LOGGERS else v[start]) for k, v in columns.items()
+                       if k not in BATCH_EXTRAS}
                 group = completions[start:start + group_size]
                 values += clean_values(self.fn(prompts[start], group, **self._kwargs(row)), len(group))
         else:
-            values = [self._verl_one(c, {k: v[i] for k, v in columns.items() if k not in TRL_EXTRAS[2:]})
+            values = [self._verl_one(c, {k: v[i] for k, v in columns.items() if k not in LOGGERS})
                       for i, c in enumerate(completions)]
-        return Outcome(values, log)
+        return values
 
     def _verl_one(self, completion: Any, row: dict[str, Any]) -> float | None:
         """verl's ``compute_score(data_source, solution_str, ground_truth, extra_info)``."""

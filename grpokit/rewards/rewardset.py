@@ -127,6 +127,7 @@ class RewardSet:
                             scores.errors[name])
                 continue
             scores.parts[name] = outcome.values
+            scores.latency_s[name] = outcome.seconds  # the call itself, not the wait behind other components
             self._merge_log(scores, name, outcome.log)
             if n and all(v is None for v in outcome.values):
                 self._warn_inapplicable(component, columns)
