@@ -158,10 +158,10 @@ def cmd_rewards_check(args) -> int:
     for row in rows:
         if "completion" not in row or "prompt" not in row:
             raise GrpokitError(f"{args.completions}:{row['_line']}: each line needs 'prompt' and 'completion'")
-    rewards = RewardSet.from_recipe(recipe)
     prompts, completions = [r["prompt"] for r in rows], [r["completion"] for r in rows]
     columns = columns_of([{k: v for k, v in r.items() if k not in ("completion", "_line")} for r in rows])
-    scores = rewards.score(prompts, completions, columns)
+    with RewardSet.from_recipe(recipe) as rewards:
+        scores = rewards.score(prompts, completions, columns)
     total_N, _ = build_orchestrator(rewards, recipe.reward_shaping).combine(scores.parts, step=args.step, update=False)
     table = Table(title=f"{len(rows)} completions scored with {args.recipe}")
     for column in ("line", "completion", *rewards.names, "total"):
