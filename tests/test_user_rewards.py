@@ -71,3 +71,29 @@ def test_the_same_recipe_trains_from_another_directory_with_a_reward_in_a_proces
     # the resolved recipe finds the module and the data again from any directory
     assert saved["python_path"][0] == str(user_folder.resolve())
     assert saved["data"]["source"] == str(user_folder.resolve() / "math.jsonl")
+
+
+TRL_REWARDS = [
+    {"name": "trl.rewards:accuracy_reward"},
+    {"name": "trl.rewards:reasoning_accuracy_reward"},
+    {"name": "trl.rewards:think_format_reward"},
+    {"name": "trl.rewards:get_cosine_scaled_reward", "factory": True, "args": {"max_len": 8}},
+    {"name": "trl.rewards:get_repetition_penalty_reward", "factory": True, "args": {"ngram_size": 2}},
+    {"name": "trl.rewards:get_soft_overlong_punishment", "factory": True,
+     "args": {"max_completion_len": 8, "soft_punish_cache": 4}},
+]
+
+
+def test_every_trl_rewards_function_trains_as_trl_documents_it(user_folder, tiny_model_dir, monkeypatch, caplog):
+    recipe = yaml.safe_load((user_folder / "recipe.yaml").read_text())
+    recipe["rewards"] = TRL_REWARDS
+    recipe["eval"]["accuracy_reward"] = "trl.rewards:accuracy_reward"
+    (user_folder / "all-trl.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.chdir(user_folder)
+    with caplog.at_level(logging.WARNING):
+        run_cli(["train", "all-trl.yaml", "--set", f"model.path={tiny_model_dir}", *TINY])
+    run_dir = user_folder / "runs" / "trl-rewards"
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "finished"
+    assert [r.getMessage() for r in caplog.records if "failed on this batch" in r.getMessage()] == []
+    line = next(json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"train"' in x)
+    assert {f"rewards/{spec['name']}" for spec in TRL_REWARDS} <= set(line)
