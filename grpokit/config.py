@@ -22,7 +22,9 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 class Section(BaseModel):
     """Base of every recipe section: unknown keys are errors, docstrings are the docs."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    # allow_inf_nan=False: `learning_rate: .inf` passed `gt=0` and made every weight NaN at the first step
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True,
+                              allow_inf_nan=False)
 
 
 class LoraConfig(Section):
@@ -485,6 +487,8 @@ def safe_load(text: str) -> Any:
         return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
     except RecursionError:
         raise yaml.YAMLError("nested too deeply") from None
+    except ValueError as exc:  # PyYAML's scanner: chr() of an escape past U+10FFFF ("\U1e400000")
+        raise yaml.YAMLError(str(exc)) from None
 
 
 def _key_lines(text: str) -> dict[tuple, int]:

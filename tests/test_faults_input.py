@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -893,3 +894,118 @@ def test_dataset_values_are_never_evaluated(tmp_path, monkeypatch):
                                       answer=[payload, payload, f"${payload}$"])
         assert all(isinstance(s, float) for s in scores), (name, scores)
     assert not marker.exists() and not (tmp_path / "PWNED3").exists()
+
+
+# ============================================================================ issue 14: poisoned values and state
+
+POISON_MODULE = '''
+import sys
+
+calls = []
+
+
+def inf_once(completions, **kwargs):
+    """Digits, as toy_digits, except one +inf on the very first call: a judge's overflow."""
+    calls.append(1)
+    values = [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+    if len(calls) == 1:
+        values[0] = float("inf")
+    return values
+
+
+def exits(completions, **kwargs):
+    sys.exit(3)
+'''
+
+
+@pytest.fixture
+def poison_folder(tmp_path):
+    (tmp_path / "poison_rewards.py").write_text(POISON_MODULE)
+    return tmp_path
+
+
+def test_one_infinite_reward_does_not_end_learning(recipe, poison_folder, caplog):
+    recipe["rewards"] = [{"name": "poison_rewards:inf_once"}]
+    recipe["reward_shaping"] = {"normalize": True}
+    recipe["training"] = {**recipe["training"], "max_steps": 3, "save_every": 1}
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", str(write_recipe(poison_folder / "recipe.yaml", recipe))]) == 0
+    assert any("returned 1 non-finite or out-of-range value(s) (e.g. inf" in r.getMessage() for r in caplog.records)
+    run_dir = Path(recipe["training"]["output_dir"])
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if x["kind"] == "train"]
+    # the normaliser stayed finite, so later steps still have non-zero, finite advantages to learn from
+    assert all(math.isfinite(x["reward"]) for x in train_lines)
+    assert any(x["grad_norm"] > 0 for x in train_lines[1:])
+    stats = json.loads((run_dir / "checkpoints" / "step-3" / "trainer_state.json").read_text())
+    stats = stats["reward_orchestrator"]["stats"]["poison_rewards:inf_once"]
+    assert math.isfinite(stats["mean"]) and math.isfinite(stats["m2"])
+
+
+def test_values_beyond_float32_and_poisoned_statistics_are_refused():
+    from grpokit.rewards.component import clean_values, split_unusable
+    from grpokit.rewards.orchestrator import RunningStats
+
+    values, unusable = split_unusable(clean_values([1.0, float("-inf"), 3.5e38, 1e30], 4))
+    assert values == [1.0, None, None, 1e30] and unusable == [float("-inf"), 3.5e38]
+    stats = RunningStats()
+    stats.update([1.0, float("inf"), 3.0])
+    assert stats.mean_std() == (2.0, pytest.approx(2 ** 0.5))
+    with pytest.raises(GrpokitError, match="running reward statistics are not finite"):
+        RunningStats().load_state_dict({"values": [], "count": 2, "mean": float("nan"), "m2": 0.0})
+
+
+def test_system_exit_in_reward_code_is_isolated(recipe, poison_folder, tmp_path, capsys, caplog):
+    recipe["rewards"] = [{"name": "toy_digits"}, {"name": "poison_rewards:exits"}]
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", str(write_recipe(poison_folder / "recipe.yaml", recipe))]) == 0
+    assert any("'poison_rewards:exits' failed on this batch" in r.getMessage() and "SystemExit: 3" in r.getMessage()
+               for r in caplog.records)
+    (poison_folder / "exits_at_import.py").write_text("import sys\nsys.exit(4)\n")
+    recipe["rewards"] = [{"name": "exits_at_import:anything"}]
+    recipe["training"] = {**recipe["training"], "output_dir": str(tmp_path / "run2")}
+    message = refused(capsys, "train", str(write_recipe(poison_folder / "recipe2.yaml", recipe)))
+    assert "cannot import module 'exits_at_import' (SystemExit: 4)" in message
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_numbers_are_refused_in_every_field(recipe, tmp_path, capsys, value):
+    message = refused(capsys, "train", str(write_recipe(tmp_path / "recipe.yaml", recipe)),
+                      "--set", f"training.learning_rate={value}")
+    assert "training.learning_rate" in message and "finite" in message
+
+
+def test_a_step_that_makes_weights_non_finite_stops_the_run():
+    from grpokit.errors import TrainingError
+    from grpokit.train.update import check_finite_weights
+
+    check_finite_weights([torch.ones(3)])
+    with pytest.raises(TrainingError, match="made trainable weights non-finite.*last checkpoint is intact"):
+        check_finite_weights([torch.ones(3), torch.tensor([1.0, float("nan")])])
+
+
+def test_a_data_file_larger_than_memory_is_a_message(tmp_path, monkeypatch):
+    import grpokit.data.loaders as loaders
+
+    def no_memory(path):
+        raise MemoryError
+
+    monkeypatch.setattr(loaders, "read_jsonl_lines", no_memory)
+    path = write_jsonl(tmp_path / "big.jsonl", [{"prompt": "p"}])
+    with pytest.raises(DataError, match=r"big.jsonl: the data file \(0.0 GiB\) does not fit in memory"):
+        read_jsonl(path)
+
+
+@pytest.mark.parametrize("damage", [{"cursor": 10**6}, {"cursor": -1}, {"order": [0, 0, 1]}, {"cursor": "3"},
+                                    {"order": None}])
+def test_a_tampered_data_position_is_refused_on_resume(recipe, tmp_path, capsys, damage):
+    recipe["training"] = {**recipe["training"], "max_steps": 2, "save_every": 1}
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    assert main(["train", str(path), "--set", "training.max_steps=1"]) == 0
+    state_file = tmp_path / "run" / "checkpoints" / "step-1" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["data"].update(damage)
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    message = refused(capsys, "train", str(path), "--resume")
+    assert "trainer_state.json's data position is damaged" in message

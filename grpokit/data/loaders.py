@@ -31,6 +31,10 @@ def read_json_lines(path: str | Path, what: str = "data file") -> list[tuple[int
         raise DataError(f"{path}:{line}: not valid UTF-8 (byte {exc.start} of the file); re-encode the file as UTF-8") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
+    except MemoryError:
+        size = path.stat().st_size / 2**30
+        raise DataError(f"{path}: the {what} ({size:.1f} GiB) does not fit in memory; grpokit reads training data "
+                        "whole: use a smaller file (data.train_size also limits the rows used)") from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -43,22 +43,38 @@ def completion_text(completion: Any) -> str:
     raise RewardError(f"a completion must be a string or a list of chat messages, got {type(completion).__name__}")
 
 
+MAX_REWARD = 1e30  # far from float32's 3.4e38, so weighted sums and running variances stay finite
+
+
+class Unusable(float):
+    """Marks a value that was a number but not a usable one (inf, or beyond MAX_REWARD)."""
+
+
 def _as_value(value: Any) -> float | None:
     """A reward value as a float; ``None`` and NaN (Python's or NumPy's) are missing; a bool is 0/1
-    as TRL's float tensor makes it; a string is refused rather than read as a number."""
+    as TRL's float tensor makes it; a string is refused rather than read as a number; an infinite
+    or huge value is missing too (one inf would make the running normaliser NaN for good)."""
     if value is None:
         return None
     if isinstance(value, (str, bytes)) or not isinstance(value, (numbers.Real, SupportsFloat)):
         raise RewardError(f"returned {value!r} ({type(value).__name__}); a reward value must be a number or None")
     value = float(value)
-    return None if math.isnan(value) else value
+    if math.isnan(value):
+        return None
+    return value if abs(value) <= MAX_REWARD else Unusable(value)
 
 
 def clean_values(values: Any, expected: int) -> list[float | None]:
+    """The values as floats or None; an unusable one is None here and counted by ``unusable_count``."""
     if not isinstance(values, (list, tuple)) or len(values) != expected:
         got = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
         raise RewardError(f"returned {got} values for {expected} completions")
     return [_as_value(v) for v in values]
+
+
+def split_unusable(values: list) -> tuple[list[float | None], list[float]]:
+    """``(values with unusable ones as None, the unusable ones)``."""
+    return [None if isinstance(v, Unusable) else v for v in values], [float(v) for v in values if isinstance(v, Unusable)]
 
 
 @dataclass
@@ -83,6 +99,7 @@ class Outcome:
     values: list[float | None]
     log: CallLog
     seconds: float = 0.0
+    unusable: list[float] = field(default_factory=list)  # inf / huge values, dropped to None
 
 
 def _parameters(fn) -> tuple[bool, set[str]]:
@@ -128,7 +145,7 @@ class RewardComponent:
             built = factory(**args)
         except TypeError as exc:
             raise RewardError(f"reward factory {self.name!r} cannot be called with args {args}: {exc}") from None
-        except Exception as exc:  # user code: say which factory failed and how
+        except (Exception, SystemExit) as exc:  # user code: say which factory failed and how
             raise RewardError(f"reward factory {self.name!r} failed: {type(exc).__name__}: {exc}") from None
         if not callable(built):
             raise RewardError(f"reward {self.name!r} has factory: true but returned {type(built).__name__}, not a "
@@ -152,8 +169,8 @@ class RewardComponent:
 
     def __call__(self, prompts: list, completions: list, columns: dict[str, list], group_size: int) -> Outcome:
         t0, log = time.perf_counter(), CallLog()
-        values = self._values(prompts, completions, columns, group_size, log)
-        return Outcome(values, log, time.perf_counter() - t0)
+        values, unusable = split_unusable(self._values(prompts, completions, columns, group_size, log))
+        return Outcome(values, log, time.perf_counter() - t0, unusable)
 
     def _values(self, prompts: list, completions: list, columns: dict[str, list], group_size: int,
                 log: CallLog) -> list[float | None]:

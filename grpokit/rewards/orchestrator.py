@@ -35,7 +35,8 @@ class RunningStats:
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
 
     def update(self, values: list[float]) -> None:
-        for v in values:
+        # a non-finite value would make the mean NaN for good (and be saved in every later checkpoint)
+        for v in (v for v in values if math.isfinite(v)):
             if self.window:
                 self.values.append(v)
                 continue
@@ -59,6 +60,10 @@ class RunningStats:
         return {"values": list(self.values), "count": self.count, "mean": self.mean, "m2": self.m2}
 
     def load_state_dict(self, state: dict) -> None:
+        numbers = [state["mean"], state["m2"], *state["values"]]
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in numbers):
+            raise RewardError("the checkpoint's running reward statistics are not finite (a reward returned inf "
+                              "before grpokit refused such values); resume from an earlier checkpoint or start again")
         self.values = deque(state["values"], maxlen=self.window) if self.window else deque()
         self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
 

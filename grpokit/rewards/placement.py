@@ -222,7 +222,7 @@ def _serve(conn, spec: dict, search_path: list[str], sys_path: list[str]) -> Non
             return
         try:
             reply = ("ok", component(*payload))
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:
             reply = ("error", f"{type(exc).__name__}: {exc}")
         try:
             conn.send(reply)

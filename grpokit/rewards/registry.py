@@ -123,7 +123,7 @@ def import_function(name: str, what: str, error: type[Exception], search_path: l
                         "(its folder is searched first) or in a folder listed in python_path") from None
         raise error(f"{what} {name!r}: module {module_name!r} imports {exc.name!r}, which is not installed "
                     f"({exc})") from None
-    except Exception as exc:  # an import can fail in any way; report it, do not crash
+    except (Exception, SystemExit) as exc:  # an import can fail in any way (sys.exit too); report it, do not crash
         raise error(f"{what} {name!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from None
     fn = getattr(module, attr, None)
     if not callable(fn):

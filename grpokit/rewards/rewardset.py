@@ -24,7 +24,7 @@ from statistics import mean
 from types import SimpleNamespace
 from typing import Any
 
-from grpokit.rewards.component import TRL_EXTRAS, CallLog, Outcome, RewardComponent, completion_text
+from grpokit.rewards.component import MAX_REWARD, TRL_EXTRAS, CallLog, Outcome, RewardComponent, completion_text
 from grpokit.rewards.orchestrator import RewardOrchestrator
 from grpokit.rewards.placement import ProcessWorker, RewardTimeout, call_in_thread, call_on_main_thread
 
@@ -110,7 +110,7 @@ class RewardSet:
             except FutureTimeout:
                 outcomes[name] = RewardTimeout(f"timed out after {component.timeout_s:g} s (the call goes on in "
                                                "its thread; its values for this batch are missing)")
-            except (Exception, RewardTimeout) as exc:  # isolate: one broken reward must not stop the step
+            except (Exception, RewardTimeout, SystemExit) as exc:  # isolate: a broken reward must not stop the step
                 outcomes[name] = exc
             latency[name] = time.perf_counter() - started[name]
         return self._collect(outcomes, latency, columns, len(completions))
@@ -127,6 +127,9 @@ class RewardSet:
                             scores.errors[name])
                 continue
             scores.parts[name] = outcome.values
+            if outcome.unusable:
+                log.warning("reward %r returned %d non-finite or out-of-range value(s) (e.g. %r; |value| must be <= "
+                            "%g); they count as missing", name, len(outcome.unusable), outcome.unusable[0], MAX_REWARD)
             scores.latency_s[name] = outcome.seconds  # the call itself, not the wait behind other components
             self._merge_log(scores, name, outcome.log)
             if n and all(v is None for v in outcome.values):

@@ -68,11 +68,18 @@ def restore(run, optimizer, scheduler, directory: Path, json_state: dict[str, An
     """Load the state a checkpoint recorded into a freshly set-up run; return its step."""
     from grpokit.errors import RunDirError
 
-    data = json_state["data"]
-    if data["num_rows"] != len(run.train_rows):
+    data = json_state.get("data") if isinstance(json_state.get("data"), dict) else {}
+    if data.get("num_rows", len(run.train_rows)) != len(run.train_rows):
         raise RunDirError(f"{directory}: the run trained on {data['num_rows']} rows but the data now gives "
                           f"{len(run.train_rows)}; resume with the same data, or start a new run")
-    run.cursor, run.order = data["cursor"], list(data["order"])
+    order, cursor = data.get("order"), data.get("cursor")
+    permutation = isinstance(order, list) and sorted(o for o in order if type(o) is int) == list(range(len(run.train_rows)))
+    valid = permutation and type(cursor) is int and 0 <= cursor <= len(order)
+    if not valid:
+        raise RunDirError(f"{directory}: trainer_state.json's data position is damaged (the order must be a "
+                          f"permutation of the {len(run.train_rows)} training rows and the cursor within it); "
+                          "resume from another checkpoint, or start a new run")
+    run.cursor, run.order = cursor, list(order)
     run.orchestrator.load_state_dict(json_state["reward_orchestrator"])
     run.consecutive_skips = json_state.get("consecutive_skips", 0)
     run.skipped_updates = json_state.get("skipped_updates", 0)

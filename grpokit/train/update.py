@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from grpokit.algo import BatchNorms, high_entropy_mask, policy_loss
+from grpokit.errors import TrainingError
 from grpokit.rollout import Rollouts, completion_logprobs
 
 METRIC_KEYS = ("loss", "kl", "clip_frac", "clip_frac_low", "clip_frac_high", "entropy")
@@ -54,6 +55,15 @@ def fill_fixed_logprobs(policy, micro_batches: list[MicroBatch], need_ref: bool,
         if need_old:
             with policy.autocast():
                 mb.old_logp_nC, _ = completion_logprobs(policy.model, *mb.inputs, group_size=mb.group_size)
+
+
+def check_finite_weights(parameters) -> None:
+    """Finite loss and gradients can still give a non-finite step (an optimiser state or learning rate
+    gone wrong); stop before such weights are sampled from or checkpointed, the last checkpoint intact."""
+    if not all(torch.isfinite(p).all() for p in parameters):
+        raise TrainingError("the optimiser step made trainable weights non-finite (NaN or inf) although the loss "
+                            "and gradients were finite; the weights in memory are lost, the last checkpoint is "
+                            "intact. Lower training.learning_rate or check training.weight_decay, then resume")
 
 
 def policy_update(run, optimizer, scheduler, rollouts: Rollouts, advantages_N: torch.Tensor) -> dict[str, float]:
@@ -99,6 +109,7 @@ def policy_update(run, optimizer, scheduler, rollouts: Rollouts, advantages_N: t
         if math.isfinite(totals["loss"]) and torch.isfinite(grad_norm):
             optimizer.step()
             scheduler.step()
+            check_finite_weights(policy.trainable_parameters())
         else:  # one NaN step would poison the weights and AdamW's moments for good
             totals["skipped_update"] = 1.0
         optimizer.zero_grad(set_to_none=True)
