@@ -31,6 +31,7 @@ import atexit
 import ctypes
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -90,7 +91,7 @@ def _timespec(seconds: float) -> _Timespec:
 
 
 class KernelTimer:
-    """A POSIX timer (``timer_create`` on CLOCK_MONOTONIC) that sends ``SIGNAL`` to this process.
+    """A POSIX timer (``timer_create`` on CLOCK_MONOTONIC) that sends ``SIGNAL`` to the main thread.
 
     Kernel-timed, it fires even while a long C call holds the GIL (a watchdog *thread* could
     not run then: measured, a math-verify bomb kept it from sending for 5 s), and it is not the
@@ -101,14 +102,16 @@ class KernelTimer:
 
     def __init__(self):
         libc = ctypes.CDLL(None, use_errno=True)
-        self._settime = libc.timer_settime
-        event, self._id = _Sigevent(sigev_signo=SIGNAL, sigev_notify=0), ctypes.c_void_p()  # 0: SIGEV_SIGNAL
+        self._settime, self.pid = libc.timer_settime, os.getpid()
+        # SIGEV_THREAD_ID (4): to the main thread only, so no other thread's system call is interrupted
+        event, self._id = _Sigevent(sigev_signo=SIGNAL, sigev_notify=4), ctypes.c_void_p()
+        event._pad[0] = threading.main_thread().native_id  # the union's first member is the target tid
         if libc.timer_create(1, ctypes.byref(event), ctypes.byref(self._id)) != 0:  # 1: CLOCK_MONOTONIC
             raise OSError(ctypes.get_errno(), "timer_create failed")
 
     @classmethod
     def get(cls) -> "KernelTimer | None":
-        if cls._timer is None:
+        if cls._timer is None or (cls._timer and cls._timer.pid != os.getpid()):  # timers do not survive fork
             try:
                 cls._timer = cls() if sys.platform.startswith("linux") else False
             except (OSError, AttributeError):
