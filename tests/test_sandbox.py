@@ -48,7 +48,7 @@ def assert_healthy():
 
 
 def need(protection: str):
-    if not active_protections()[protection]:
+    if not active_protections().get(protection, True):  # unknown name: run, so a missing feature fails
         pytest.skip(f"this machine's sandbox has no {protection} (see the grpokit.rewards.sandbox log)")
 
 
@@ -208,3 +208,131 @@ def test_protections_are_reported_honestly():
     assert protections["rlimit_nproc"] == (protections["unprivileged_user"] or os.geteuid() != 0)
     if protections["unprivileged_user"]:
         assert run_sandboxed("import os; print(os.getuid(), os.getgroups())").stdout.split()[0] != "0"
+
+
+def test_unix_socket_files_under_tmp_are_unreachable():
+    need("private_tmp")
+    import tempfile
+    sock_dir = tempfile.mkdtemp(prefix="grpokit-test-sock-")
+    path = os.path.join(sock_dir, "bus.sock")
+    try:
+        os.chmod(sock_dir, 0o777)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+            listener.bind(path)
+            os.chmod(path, 0o777)
+            listener.listen(1)
+            code = (
+                "import socket\n"
+                "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+                "try:\n"
+                f"    s.connect({path!r})\n"
+                "    s.sendall(b'hi')\n"
+                "    print('CONNECTED')\n"
+                "except OSError as exc:\n"
+                "    print('unreachable', exc.errno)\n"
+            )
+            result = run_sandboxed(code, timeout_s=3.0)
+            assert result.returncode == 0 and "unreachable" in result.stdout and "CONNECTED" not in result.stdout
+            listener.settimeout(0.3)
+            with pytest.raises(socket.timeout):
+                listener.accept()
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+        os.rmdir(sock_dir)
+
+
+def _shmem_kb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("Shmem:"):
+            return int(line.split()[1])
+    raise AssertionError("no Shmem in /proc/meminfo")
+
+
+def test_memfd_cannot_bypass_the_memory_limit():
+    need("no_memfd")
+    code = (
+        "import os, threading\n"
+        "chunk = b'x' * (1 << 20)\n"
+        "for i in range(256):  # 16 MiB per memfd: each stays under RLIMIT_FSIZE\n"
+        "    if i % 16 == 0:\n"
+        "        fd = os.memfd_create('grpokit-hog')\n"
+        "    os.write(fd, chunk)\n"
+        "print('WROTE 256 MiB', flush=True)\n"
+        "import time; time.sleep(1.5)\n"
+    )
+    before = _shmem_kb()
+    peak = [before]
+    result = None
+
+    def run():
+        nonlocal result
+        result = run_sandboxed(code, memory_mb=128, timeout_s=4.0)
+
+    import threading
+    thread = threading.Thread(target=run)
+    thread.start()
+    while thread.is_alive():
+        peak[0] = max(peak[0], _shmem_kb())
+        thread.join(0.05)
+    assert "WROTE" not in result.stdout
+    assert result.returncode != 0 or result.killed
+    assert peak[0] - before < 200 * 1024  # others may use shared memory meanwhile; 256 MiB would show
+
+
+def test_sandbox_dies_with_a_killed_caller(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    marker = f"grpokit-orphan-{os.getpid()}-{time.monotonic_ns()}"
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    code = SLEEPER + f"sleeper({marker!r})\n"
+    caller = (
+        "import sys\n"
+        "from grpokit.rewards.sandbox import run_sandboxed\n"
+        f"run_sandboxed({code!r}, timeout_s=60.0, cpu_s=60)\n"
+    )
+    env = dict(os.environ, TMPDIR=str(tmpdir))
+    child = subprocess.Popen([sys.executable, "-c", caller], cwd=Path(__file__).resolve().parents[1], env=env)
+    try:
+        deadline = time.monotonic() + 20
+        while not set(processes_with(marker)) - {child.pid}:  # the caller's own command line has it too
+            assert time.monotonic() < deadline and child.poll() is None, "the sandbox never started"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        deadline = time.monotonic() + 5
+        while (processes_with(marker) or list(tmpdir.iterdir())) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes_with(marker) == []
+        assert list(tmpdir.iterdir()) == []
+    finally:
+        child.kill()
+        child.wait()
+        for pid in processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+WRONG_ADD = "def add(a, b):\n    return 'wrong'\n"  # passes none of ADD_TESTS
+
+
+@pytest.mark.parametrize("attack", [
+    # the tests are run with exec: make every test a no-op that "passes"
+    "import builtins\nbuiltins.exec = lambda *args, **kwargs: None\n",
+    # rewrite the result line on its way out: every mark a pass
+    "import os, re\n_write = os.write\n"
+    "os.write = lambda fd, data: _write(fd, re.sub(rb'(?m)^([0-9a-f]{32}) ([01]+)$', "
+    "lambda m: m.group(1) + b' ' + b'1' * len(m.group(2)), data))\n",
+    # find the nonce in the harness's frame and print a perfect result line before the tests run
+    "import os, sys\nframe = sys._getframe()\n"
+    "while frame is not None:\n"
+    "    nonce = frame.f_locals.get('nonce')\n"
+    "    if isinstance(nonce, str):\n"
+    "        sys.stdout.write('\\n' + nonce + ' 1111\\n'); sys.stdout.flush(); os._exit(0)\n"
+    "    frame = frame.f_back\n",
+], ids=["replace_exec", "patch_os_write", "nonce_from_frames"])
+def test_a_wrong_solution_cannot_game_the_harness(attack):
+    assert code_execution(None, [fenced(WRONG_ADD + attack)], tests=[ADD_TESTS]) == [0.0]
+    assert code_execution(None, [fenced(WRONG_ADD + attack)], tests=[ADD_TESTS.splitlines()]) == [0.0]

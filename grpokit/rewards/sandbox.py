@@ -23,6 +23,15 @@ with less than the probe had):
 - **filesystem**: a new mount namespace in which every mount is remounted read-only; the
   working directory is a private, size-capped tmpfs (gone with the namespace), and a fresh
   ``/proc`` shows only the sandbox's processes.
+- **unix sockets, shared memory** (``private_tmp``): ``/tmp``, ``/var/tmp``, ``/run``,
+  ``/var/run`` and ``/dev/shm`` are empty read-only tmpfs (the sandbox's own directory is
+  bound back in when it lives under one), so the socket files there (D-Bus, X11, Docker),
+  connectable even on a read-only mount and outside the network namespace, are not reachable.
+- **memfd** (``no_memfd``): a seccomp filter makes ``memfd_create`` and ``shmget`` fail with
+  EPERM (their pages do not count against ``RLIMIT_AS``), and every syscall of another ABI
+  (x32, ``int 0x80``). cgroup v2 limits are not used (see docs/sandbox.md).
+- **caller death**: the wrapper gets SIGTERM when the caller (its thread) dies
+  (``PR_SET_PDEATHSIG``), kills the namespace's init, and removes the temp dir itself.
 - **privileges**: the program runs under a random unused uid/gid (no supplementary groups,
   so no capabilities, no access to root's 0700 files such as ``/root``), with
   ``no_new_privs`` so set-uid binaries cannot regain root. The interpreter's prefix is
@@ -36,9 +45,12 @@ with less than the probe had):
 
 Not protected: reading world-readable files (the root filesystem is visible, read-only);
 CPU time and memory of the *machine* beyond the per-process limits (a program may run
-``max_processes`` processes of ``memory_mb`` each until the wall-clock limit); timing and
+``max_processes`` processes of ``memory_mb`` each until the wall-clock limit: 4 × 512 MB by
+default, and ``code_execution`` runs at most 4 sandboxes at once, so 8 GB in the worst case;
+64 × 512 MB, the old default, exceeded the 24 GB machines this runs on); timing and
 kernel side channels; kernel exploits (this is not a VM or seccomp jail — for hostile
-code at scale, run the trainer itself inside a container or VM). Without namespaces
+code at scale, run the trainer itself inside a container or VM). docs/sandbox.md has the
+threat model. Without namespaces
 (non-root, or a container without CAP_SYS_ADMIN) only rlimits, the clean environment,
 the temp working directory and the process-group kill remain.
 """
@@ -64,17 +76,39 @@ log = logging.getLogger(__name__)
 
 OUTPUT_LIMIT = 10_000  # bytes kept per stream: the first and last half
 WORK_DIR_MB = 32  # size of the tmpfs working directory and RLIMIT_FSIZE
-_NS_STEPS = ("network_namespace", "readonly_root", "pid_namespace", "unprivileged_user", "no_new_privs")
+_NS_STEPS = ("network_namespace", "readonly_root", "private_tmp", "pid_namespace", "unprivileged_user", "no_new_privs",
+             "no_memfd")
+# Directories where services put their Unix socket files (D-Bus, X11, Docker, systemd) and where
+# shared memory lives: inside the sandbox each is an empty, read-only tmpfs.
+_MASKED_DIRS = ("/tmp", "/var/tmp", "/run", "/var/run", "/dev/shm")
+# seccomp: the syscalls whose memory escapes RLIMIT_AS (a memfd's or a SysV segment's pages are
+# not in the address space until mapped, and need not ever be): (audit arch, [syscall numbers])
+_SECCOMP_DENY = {
+    "x86_64": (0xC000003E, [319, 29]),  # memfd_create, shmget
+    "aarch64": (0xC00000B7, [279, 194]),
+}
 
 # The wrapper runs as a fresh, single-threaded `python -I -S -c` (not a preexec_fn, which
 # is unsafe in a multi-threaded caller such as the reward thread pool). It reports to the
 # caller as JSON lines on a private pipe (fd `ctl`) that the program itself never inherits.
 _WRAPPER = r'''
-import ctypes, errno, json, os, re, resource, signal, sys
+import ctypes, errno, json, os, re, resource, select, shutil, signal, struct, sys
 cfg = json.loads(sys.argv[1])
 ctl, tmp, work, uid = cfg["ctl"], cfg["tmp"], cfg["work"], cfg["uid"]
 os.set_inheritable(ctl, False)
 libc = ctypes.CDLL(None, use_errno=True)
+child, dying = None, False
+
+def on_term(*_):  # the caller asks us to stop, or it died (PR_SET_PDEATHSIG): kill init, hence the namespace
+    global dying
+    dying = True
+    if child:
+        os.kill(child, signal.SIGKILL)
+
+signal.signal(signal.SIGTERM, on_term)
+libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG: SIGTERM when the caller('s thread) ends
+if os.getppid() != cfg["caller"]:  # it ended before that took effect
+    on_term()
 libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
 NEWNS, NEWIPC, NEWNET, NEWPID = 0x20000, 0x8000000, 0x40000000, 0x20000000
 RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
@@ -131,6 +165,44 @@ def lock_filesystem():
     owner = uid if "unprivileged_user" in cfg["want"] else 0
     mount("tmpfs", work, "tmpfs", NOSUID | NODEV, f"size={cfg['work_mb']}m,mode=0700,uid={owner},gid={owner}")
 
+def mask_shared_dirs():
+    # socket files with open permissions are connectable even on a read-only mount, and the
+    # network namespace does not cover them: hide those directories behind empty tmpfs
+    keep = os.open(tmp, os.O_PATH | os.O_DIRECTORY)  # our own dir, which may sit under one of them
+    masked = []
+    for target in cfg["masked"]:
+        if os.path.islink(target) or not os.path.isdir(target):
+            continue  # /var/run -> /run: masked with its target
+        mount("tmpfs", target, "tmpfs", NOSUID | NODEV | NOEXEC, "size=64k,mode=0755")
+        masked.append(target)
+    if any(tmp.startswith(target.rstrip("/") + "/") for target in masked):
+        os.makedirs(tmp, 0o755, exist_ok=True)
+        mount(f"/proc/self/fd/{keep}", tmp, None, BIND | REC)  # with the work tmpfs and py/ below it
+    os.close(keep)
+    for target in masked:
+        mount(None, target, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV | NOEXEC)
+
+def deny_memfd():
+    if not cfg["seccomp"]:
+        raise OSError(errno.ENOSYS, f"no seccomp filter for this architecture ({os.uname().machine})")
+    arch, denied = cfg["seccomp"]
+    LD, JEQ, JGE, RET = 0x20, 0x15, 0x35, 0x06
+    prog = [(LD, 0, 0, 4), (JEQ, 1, 0, arch), ("deny",)]  # another ABI (int 0x80 on x86_64): deny all
+    prog += [(LD, 0, 0, 0)]
+    if arch == 0xC000003E:
+        prog += [(JGE, 0, 1, 0x40000000), ("deny",)]  # the x32 ABI: its own numbers, deny all
+    for nr in denied:
+        prog += [(JEQ, 0, 1, nr), ("deny",)]
+    prog += [(RET, 0, 0, 0x7FFF0000)]  # SECCOMP_RET_ALLOW
+    deny = (RET, 0, 0, 0x00050000 | errno.EPERM)  # SECCOMP_RET_ERRNO
+    code = b"".join(struct.pack("HBBI", *(deny if ins == ("deny",) else ins)) for ins in prog)
+    buf = ctypes.create_string_buffer(code, len(code))
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+    fprog = SockFprog(len(prog), ctypes.addressof(buf))
+    check(libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    check(libc.prctl(22, 2, ctypes.byref(fprog), 0, 0), "prctl(PR_SET_SECCOMP)")
+
 def start_program():
     try:
         exe, env = cfg["python"], dict(cfg["env"])
@@ -143,6 +215,7 @@ def start_program():
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG (a uid change clears it): die with init
         if "no_new_privs" in cfg["want"]:
             check(libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
         os.chdir(work)
@@ -153,11 +226,19 @@ def start_program():
         report(error=f"starting the program: {exc}")
     os._exit(127)
 
-def init():
+def init(alive):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG: die (and take the namespace) with the wrapper
+    if select.select([alive], [], [], 0)[0]:  # EOF: the wrapper died before that took effect
+        os._exit(1)
+    os.close(alive)
     if done.get("readonly_root"):
         attempt("readonly_root", lock_filesystem)
+    if done.get("readonly_root"):
+        attempt("private_tmp", mask_shared_dirs)
+    else:
+        done["private_tmp"] = False
+    attempt("no_memfd", deny_memfd)  # inherited by the program; init is root, allowed to install it
     done["unprivileged_user"] = "unprivileged_user" in cfg["want"]
     done["no_new_privs"] = "no_new_privs" in cfg["want"]
     program = os.fork()
@@ -170,17 +251,29 @@ def init():
             report(status=status)
             os._exit(0)  # pid 1 exiting: the kernel kills whatever the program left behind
 
+host_mounts = os.open("/proc/self/ns/mnt", os.O_RDONLY)  # to go back to, to remove our directory
 attempt("network_namespace", lambda: check(libc.unshare(NEWNET | NEWIPC), "unshare(CLONE_NEWNET|CLONE_NEWIPC)"))
 attempt("readonly_root", private_mounts)
 attempt("pid_namespace", lambda: check(libc.unshare(NEWPID), "unshare(CLONE_NEWPID)"))
-child = os.fork()
-if child == 0:
-    init()
-# the caller asks us to stop with SIGTERM: kill init, and wait for the namespace to be torn down
-signal.signal(signal.SIGTERM, lambda *_: os.kill(child, signal.SIGKILL))
-os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)  # not reaped yet, so a late SIGTERM cannot hit a reused pid
-signal.signal(signal.SIGTERM, signal.SIG_IGN)
-os.waitpid(child, 0)
+alive_r, alive_w = os.pipe()  # init's way to see that we died before its PR_SET_PDEATHSIG took effect
+if not dying:
+    child = os.fork()
+    if child == 0:
+        os.close(alive_w)
+        init(alive_r)
+    os.close(alive_r)
+    if dying:  # SIGTERM came between the fork and the assignment
+        os.kill(child, signal.SIGKILL)
+    # SIGTERM (the caller asks us to stop, or died): kill init, and wait for the namespace to be torn down
+    os.waitid(os.P_PID, child, os.WEXITED | os.WNOWAIT)  # not reaped yet, so a late SIGTERM cannot hit a reused pid
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.waitpid(child, 0)
+# SIGTERM: the caller gave up on us (it tolerates a missing directory) or died (then getppid() may
+# still name it: a dying multi-threaded caller hands us to another of its threads first)
+if dying or os.getppid() != cfg["caller"]:
+    if done.get("readonly_root"):  # in our namespace it is read-only, and py/ work/ are mount points
+        libc.setns(host_mounts, NEWNS)  # (the namespace dies with us: init is gone)
+    shutil.rmtree(tmp, ignore_errors=True)
 os._exit(0)
 '''
 
@@ -263,7 +356,7 @@ def _probe() -> dict[str, bool]:
 
 
 def run_sandboxed(code: str, *, timeout_s: float = 5.0, cpu_s: int = 5, memory_mb: int = 512,
-                  max_processes: int = 64, stdin: str = "") -> SandboxResult:
+                  max_processes: int = 4, stdin: str = "") -> SandboxResult:
     """Run ``code`` as a Python script under every protection this machine supports.
 
     Raises ``RewardError`` only when the sandbox itself cannot be set up; anything the
@@ -281,7 +374,8 @@ def run_sandboxed(code: str, *, timeout_s: float = 5.0, cpu_s: int = 5, memory_m
 def _run(want: set[str], *, strict: bool, code: str, timeout_s: float, cpu_s: int, memory_mb: int,
          max_processes: int, stdin: str) -> tuple[SandboxResult, dict, str | None]:
     """One run: returns the result, the wrapper's report and its setup error (if any)."""
-    with tempfile.TemporaryDirectory(prefix="grpokit-sandbox-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="grpokit-sandbox-", ignore_cleanup_errors=True) as tmp:
+        tmp = os.path.realpath(tmp)  # the wrapper compares it with mount points
         work, script = os.path.join(tmp, "work"), os.path.join(tmp, "main.py")
         uid = 1_000_000 + secrets.randbelow(1_000_000_000)  # unused: RLIMIT_NPROC counts per uid
         os.chmod(tmp, 0o755)
@@ -304,7 +398,8 @@ def _run(want: set[str], *, strict: bool, code: str, timeout_s: float, cpu_s: in
             ("RLIMIT_CORE", 0, 0),
         ]
         ctl_r, ctl_w = os.pipe()
-        cfg = dict(ctl=ctl_w, tmp=tmp, work=work, script=script, uid=uid, want=sorted(want), strict=strict,
+        cfg = dict(ctl=ctl_w, caller=os.getpid(), masked=_MASKED_DIRS, seccomp=_SECCOMP_DENY.get(os.uname().machine),
+                   tmp=tmp, work=work, script=script, uid=uid, want=sorted(want), strict=strict,
                    python=python, prefix=sys.base_prefix, prefix_rel=None if prefix_rel.startswith("..") else prefix_rel,
                    env=env, limits=limits, work_mb=WORK_DIR_MB)
         try:
