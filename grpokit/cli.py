@@ -7,8 +7,11 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import shlex
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from grpokit.errors import GrpokitError
@@ -70,10 +73,19 @@ def cmd_train(args) -> int:
     status = json.loads((run_dir / "run.json").read_text())
     if status["status"] == "stopped":
         console.print(f"stopped by {status['stop_signal']} after step {status['steps']}; checkpoint written. "
-                      f"Continue with: grpokit train {args.recipe} --resume")
+                      "Continue with:", markup=False, highlight=False)
+        print(resume_command(args), flush=True)  # plain: one line to copy, never wrapped or marked up
         return 0
     _print_before_after(console, run_dir)
     return 0
+
+
+def resume_command(args) -> str:
+    """The command that continues this run, shell-quoted: the same recipe and every --set (in order; they
+    may move training.output_dir), plus --resume."""
+    program = sys.argv[0] if sys.argv and Path(sys.argv[0]).name == "grpokit" else "grpokit"
+    overrides = [word for value in args.set for word in ("--set", value)]
+    return shlex.join([program, "train", args.recipe, *overrides, "--resume"])
 
 
 def _print_before_after(console, run_dir) -> None:
@@ -269,6 +281,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("grpokit: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        if args.debug or err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        print(f"grpokit: error: {disk_message(err)}", file=sys.stderr)
+        return 2
+
+
+def disk_message(err: OSError) -> str:
+    """A full or read-only disk is not a bug: what happened, where, what to do."""
+    where = f" (writing {err.filename})" if err.filename else ""
+    if err.errno == errno.EROFS:
+        return (f"read-only file system{where}; write to another directory "
+                "(for training: --set training.output_dir=DIR)")
+    return (f"no space left on device{where}; free some space, or write to another disk, and run the command "
+            "again (a training run continues from its last complete checkpoint with --resume)")
 
 
 if __name__ == "__main__":

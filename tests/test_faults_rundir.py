@@ -168,16 +168,21 @@ def test_sigterm_during_the_final_eval_or_checkpoint_still_finishes_the_run(tiny
                                                                             sigterm_raises, where):
     import grpokit.train.grpo as grpo
 
-    original_eval, original_save = grpo.evaluate, torch.save
+    original_eval, original_save, sent = grpo.evaluate, torch.save, []
+
+    def signal_once():
+        if not sent:  # a second signal would mean "abort now"
+            sent.append(1)
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def evaluate(policy, rows, rewards, settings, step):
         if where == "final_eval" and step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal_once()
         return original_eval(policy, rows, rewards, settings, step)
 
     def save(value, path, *args, **kwargs):
         if where == "final_checkpoint" and ".step-2." in str(path):
-            os.kill(os.getpid(), signal.SIGTERM)
+            signal_once()  # inside the final checkpoint's write
         return original_save(value, path, *args, **kwargs)
 
     monkeypatch.setattr(grpo, "evaluate", evaluate)
@@ -186,7 +191,7 @@ def test_sigterm_during_the_final_eval_or_checkpoint_still_finishes_the_run(tiny
     info = run_info(run_dir)
     assert info["status"] == "finished" and info["steps"] == 2
     assert latest_checkpoint(run_dir / "checkpoints").name == "step-2"
-    assert (run_dir / "eval" / "step-2.json").is_file()
+    assert (run_dir / "eval" / "step-2.json").is_file() and sent
 
 
 # ============================================================================ item 8: the printed resume command
@@ -223,8 +228,10 @@ def test_the_printed_resume_command_resumes_that_run(tiny_model_dir, tmp_path, m
 # ============================================================================ item 11: messages, not tracebacks
 
 
-@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
-                                     RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4352 vs 4243")],
+TORCH_SHORT_WRITE = "[enforce fail at inline_container.cc:672] . unexpected pos 4352 vs 4243"  # torch's own words
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"), RuntimeError(TORCH_SHORT_WRITE)],
                          ids=["ENOSPC", "torch-writer"])
 def test_a_full_disk_while_checkpointing_says_so_and_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, capsys,
                                                                                    monkeypatch, failure):

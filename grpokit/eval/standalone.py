@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from grpokit.errors import GrpokitError
+from grpokit.models.checkpoint import step_checkpoints
 
 _STEP_NAME = re.compile(r"step-\d+")
 
@@ -29,8 +30,8 @@ class Target:
 
 
 def _latest_checkpoint(run_dir: Path) -> Path:
-    found = [(int(p.name.split("-", 1)[1]), p) for p in (run_dir / "checkpoints").glob("step-*")
-             if p.is_dir() and p.name.split("-", 1)[1].isdigit()]
+    # complete step-N directories only, never a symlink that leads out of the run
+    found = step_checkpoints(run_dir / "checkpoints")
     if not found:
         raise GrpokitError(f"{run_dir}: the run has no checkpoints/step-N directory yet; "
                            "train it first or pass a checkpoint or model directory to --model")

@@ -7,15 +7,22 @@ Writing is crash-safe at every instant:
 3. only then does ``checkpoints/latest`` (a one-line file, itself replaced atomically)
    point at it, and only then are checkpoints beyond the newest K deleted.
 A kill at any point leaves the previous checkpoint complete and ``latest`` naming a
-complete checkpoint. Optimiser and RNG state are ``torch.save`` files read back with
-``weights_only=True``: loading a checkpoint never unpickles arbitrary objects.
+complete checkpoint. A full disk fails the write with a message, the partial copy removed.
+Optimiser and RNG state are ``torch.save`` files read back with ``weights_only=True``, and
+weights are read only from safetensors: loading a checkpoint never unpickles arbitrary objects.
+
+A run directory may come from elsewhere, so it is read as untrusted: ``latest`` must name a
+plain ``step-N`` inside ``checkpoints/`` (no path, no link), and step directories that are
+symbolic links are never used (nor deleted through).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,6 +31,9 @@ from typing import Any
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
 _STEP_DIR = re.compile(r"step-(\d+)")
+# torch.save's C++ writer reports a short write (a full disk) as a RuntimeError, not an OSError
+_TORCH_WRITE_FAILED = re.compile(r"inline_container|PytorchStreamWriter|unexpected pos|file write failed")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _fsync(path: Path) -> None:
@@ -48,9 +58,18 @@ def save_directory(directory: str | Path, write) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     trash = None
     try:
-        write(staging)
-        staging.chmod(0o755)  # mkdtemp made it private; weights are for other tools and users too
-        _fsync_tree(staging)
+        try:
+            write(staging)
+            staging.chmod(0o755)  # mkdtemp made it private; weights are for other tools and users too
+            _fsync_tree(staging)
+        except OSError as exc:
+            if exc.errno in _DISK_FULL:
+                raise _disk_full(directory, f"{exc.strerror or exc}") from None
+            raise
+        except RuntimeError as exc:
+            if _TORCH_WRITE_FAILED.search(str(exc)):
+                raise _disk_full(directory, f"torch could not write a file: {exc}") from None
+            raise
         if directory.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
             os.replace(directory, trash / directory.name)
@@ -61,6 +80,21 @@ def save_directory(directory: str | Path, write) -> Path:
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
     return directory
+
+
+def _disk_full(directory: Path, detail: str):
+    """The message for a write that ran out of space: what, where, what is still intact, what to do."""
+    from grpokit.errors import TrainingError
+
+    earlier = [path for _, path in step_checkpoints(directory.parent) if path.name != directory.name]
+    if earlier:
+        intact = (f"the previous checkpoint {earlier[-1].name} is intact: free some space (or move "
+                  "training.output_dir to a larger disk), then continue from it with --resume")
+    else:
+        intact = "nothing already on disk was changed: free some space, then run again"
+    detail = " ".join(detail.split())[:200]
+    return TrainingError(f"cannot write {directory}: no space left on device, or the disk failed ({detail}); "
+                         f"the partial copy was removed and {intact}")
 
 
 def save_checkpoint(policy, directory: str | Path, state: dict, torch_state: dict[str, Any] | None = None) -> Path:
@@ -87,7 +121,8 @@ def step_checkpoints(checkpoints_dir: Path) -> list[tuple[int, Path]]:
     found = []
     if checkpoints_dir.is_dir():
         for path in checkpoints_dir.iterdir():
-            if (match := _STEP_DIR.fullmatch(path.name)) and path.is_dir() and is_complete(path):
+            if (match := _STEP_DIR.fullmatch(path.name)) and not path.is_symlink() and path.is_dir() \
+                    and is_complete(path):
                 found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -96,9 +131,13 @@ def publish_checkpoint(directory: Path, keep: int) -> None:
     """Point ``latest`` at a complete checkpoint, then delete all but the newest ``keep`` and any
     staging leftovers of an earlier crash."""
     checkpoints_dir = directory.parent
-    tmp = checkpoints_dir / f".{LATEST}.tmp"
-    tmp.write_text(directory.name + "\n")
-    _fsync(tmp)
+    tmp = checkpoints_dir / f".{LATEST}.{secrets.token_hex(6)}.tmp"
+    # O_EXCL: a new file, never one (or a link) planted under that name
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(directory.name + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, checkpoints_dir / LATEST)
     _fsync(checkpoints_dir)
     complete = step_checkpoints(checkpoints_dir)
@@ -107,17 +146,57 @@ def publish_checkpoint(directory: Path, keep: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
     for leftover in checkpoints_dir.glob(".step-*"):
         shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in checkpoints_dir.glob(f".{LATEST}.*.tmp"):
+        leftover.unlink(missing_ok=True)
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The checkpoint ``latest`` names if it is complete, else the newest complete one, else None."""
+    """The checkpoint ``latest`` names if it is complete, else the newest complete one, else None.
+
+    Refuses (``RunDirError``) a ``latest`` that names anything but a plain ``step-N`` directory
+    inside ``checkpoints_dir``: an absolute path, ``..`` or a link would make a resume load
+    from, and write to, somewhere outside the run directory.
+    """
+    from grpokit.errors import RunDirError
+
     pointer = checkpoints_dir / LATEST
     if pointer.is_file():
-        named = checkpoints_dir / pointer.read_text().strip()
-        if _STEP_DIR.fullmatch(named.name) and is_complete(named):
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        named = checkpoints_dir / name
+        if not _STEP_DIR.fullmatch(name) or named.is_symlink():
+            raise RunDirError(f"{pointer} names {name[:100]!r}, which is not a step-N directory inside "
+                              f"{checkpoints_dir}{' (it is a symbolic link)' if named.is_symlink() else ''}; "
+                              "grpokit resumes only from its own checkpoints. Write the name of one of them "
+                              "(e.g. step-20) into checkpoints/latest, or start a new run with --overwrite")
+        if is_complete(named):
             return named
     complete = step_checkpoints(checkpoints_dir)
     return complete[-1][1] if complete else None
+
+
+def checkpoint_weights(directory: Path, lora: bool) -> list[Path]:
+    """The safetensors weight files of a checkpoint (adapter or full model); a ``ModelError`` saying
+    how to convert when there are only pickled ones (``*.bin``), which grpokit never loads."""
+    from grpokit.errors import ModelError
+
+    directory = Path(directory)
+    stem = "adapter_model" if lora else "model"
+    found = [directory / "adapter_model.safetensors"] if lora else sorted(directory.glob("model*.safetensors"))
+    found = [path for path in found if path.is_file()]
+    if found:
+        return found
+    pickles = sorted(directory.glob("adapter_model*.bin" if lora else "pytorch_model*.bin"))
+    if not pickles:
+        raise ModelError(f"{directory}: no {stem}.safetensors; not a complete checkpoint (pass another one, "
+                         "or resume from an earlier checkpoint)")
+    if lora:
+        convert = (f"python -c \"import torch; from safetensors.torch import save_file; save_file(torch.load("
+                   f"'{pickles[0]}', weights_only=True), '{directory / 'adapter_model.safetensors'}')\"")
+    else:
+        convert = (f"python -c \"from transformers import AutoModelForCausalLM as M; M.from_pretrained("
+                   f"'{directory}').save_pretrained('{directory}', safe_serialization=True)\"")
+    raise ModelError(f"{pickles[0]} is a pickle file, and grpokit never loads pickles (unpickling can run code); "
+                     f"the checkpoint needs {stem}.safetensors. If you trust the file, convert it once: {convert}")
 
 
 def load_torch_state(directory: Path, name: str) -> Any:
@@ -143,14 +222,15 @@ def load_trained_weights(policy, directory: Path) -> None:
 
     from grpokit.errors import ModelError
 
+    files = checkpoint_weights(directory, policy.is_lora)
     if policy.is_lora:
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(policy.model, load_file(directory / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(policy.model, load_file(files[0]))
         unexpected = getattr(result, "unexpected_keys", [])
     else:
         weights = {}
-        for shard in sorted(directory.glob("model*.safetensors")):
+        for shard in files:
             weights.update(load_file(shard))
         result = policy.model.load_state_dict(weights, strict=False)
         tied = set(getattr(policy.model, "all_tied_weights_keys", None) or getattr(policy.model, "_tied_weights_keys", None) or [])
@@ -177,8 +257,9 @@ def load_checkpoint(directory: str | Path, dtype=None, device: str = "cpu", attn
     attention = choose_attention(attn_implementation, torch.device(device))
     if not directory.is_dir():
         raise ModelError(f"{directory}: checkpoint directory not found")
-    tokenizer = AutoTokenizer.from_pretrained(directory)
     adapter_config = directory / "adapter_config.json"
+    checkpoint_weights(directory, adapter_config.is_file())
+    tokenizer = AutoTokenizer.from_pretrained(directory)
     if adapter_config.is_file():
         from peft import PeftModel
 
@@ -188,7 +269,8 @@ def load_checkpoint(directory: str | Path, dtype=None, device: str = "cpu", attn
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype, attn_implementation=attention)
         model = PeftModel.from_pretrained(base, directory)
     else:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attention)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attention,
+                                                     use_safetensors=True)
     return model.to(device).eval(), tokenizer
 
 
@@ -209,7 +291,9 @@ def load_checkpoint_policy(directory: str | Path, model_cfg, merge_lora: bool = 
     if not adapter_config.is_file():
         if not (directory / "config.json").is_file():
             raise ModelError(f"{directory}: not a checkpoint (no adapter_config.json or config.json)")
+        checkpoint_weights(directory, lora=False)
         return load_policy(model_cfg.model_copy(update={"path": str(directory), "lora": None}), beta=0.0)
+    checkpoint_weights(directory, lora=True)
     adapter = json.loads(adapter_config.read_text())
     base_path = adapter.get("base_model_name_or_path")
     if not base_path:

@@ -19,7 +19,7 @@ import yaml
 
 from grpokit.errors import RunDirError
 from grpokit.report.compare import write_comparison
-from grpokit.report.files import Row, bad_line, read_json, read_jsonl, read_step_evals, step_eval_files
+from grpokit.report.files import Row, bad_line, read_json, read_jsonl, read_step_evals, replace_file, step_eval_files
 from grpokit.report.markdown import build_markdown
 from grpokit.report.plots import write_plots
 from grpokit.report.stats import interval, pass_at_k
@@ -110,7 +110,7 @@ def write_report(run_dir: str | Path) -> Path:
     )
     text += named_evals_section(run / "eval", evals)
     report = run / "report.md"
-    report.write_text(text, encoding="utf-8")
+    replace_file(report, text.encode("utf-8"))  # a link planted as report.md is replaced, not written through
     return report
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from grpokit.errors import RunDirError
-from grpokit.report.files import Row, number, read_json, step_eval_files
+from grpokit.report.files import Row, number, read_json, replace_file, step_eval_files
 from grpokit.report.markdown import EvalFigure, cell, eval_figures, fmt, format_difference, rounded, table
 from grpokit.report.plots import plot_comparison
 from grpokit.report.stats import accuracy_difference, correct_list, interval, pass_at_k, sampling, verdict
@@ -224,9 +224,9 @@ def write_comparison(sources: list[str | Path], out_dir: str | Path, names: list
     without eval files, or a malformed file (naming ``file:line``).
     """
     loaded = load_sources(list(sources), names)
-    out = Path(out_dir)
+    out = Path(out_dir)  # the user's choice of folder: a link there is theirs to make
     out.mkdir(parents=True, exist_ok=True)
     plotted = _plot(loaded, out / "comparison.png")
     path = out / "comparison.md"
-    path.write_text(comparison_markdown(loaded, plotted), encoding="utf-8")
+    replace_file(path, comparison_markdown(loaded, plotted).encode("utf-8"))
     return path

@@ -2,13 +2,20 @@
 
 A silently skipped line would make a report lie about a run, so anything malformed is a
 ``RunDirError`` naming the file and line and saying how to get past it.
+
+Writing, too, treats a run directory as untrusted (it may come from someone else): files are
+written by atomic replace, so a link planted where report.md or a plot goes is replaced, never
+written through, and an output folder that is a link is refused.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +76,35 @@ def read_step_evals(eval_dir: Path) -> list[Row]:
         data.setdefault("step", step)
         evals.append(data)
     return evals
+
+
+def output_dir(path: Path) -> Path:
+    """Create ``path`` if needed and make sure it is a real directory, not a link to somewhere else
+    (the kernel says so: ``O_NOFOLLOW`` refuses to open a link)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
+    except FileExistsError:
+        raise RunDirError(f"{path} is a file, not a directory; move it away and run again") from None
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and path.is_symlink():
+            raise RunDirError(f"{path} is a symbolic link (to {os.readlink(path)}); reports are written only "
+                              f"inside the directory itself, never through a link. Remove it (rm {path}) and run "
+                              "again") from None
+        raise
+    return path
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write ``path`` whole by atomic replace: a new file beside it (``O_EXCL``: never an existing
+    file or link; mode from the umask, as a plain write), then renamed over ``path``. A reader never
+    sees half a file, and a link at ``path`` is replaced, not followed."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

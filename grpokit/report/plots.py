@@ -9,6 +9,7 @@ every row (no eval lines, no ``kl`` key) is not written at all.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
-from grpokit.report.files import Row, number
+from grpokit.report.files import Row, number, output_dir, replace_file
 
 CAPTIONS = {
     "reward": "Reward per training step (total, moving average, and each component)",
@@ -86,8 +87,10 @@ def _line(ax: Axes, steps: list[int], values: list[float], **style: Any) -> None
 
 
 def _save(fig: Figure, path: Path) -> None:
-    """Write the figure as PNG; ``dpi`` keeps text legible when the page scales it."""
-    fig.savefig(path, format="png", dpi=110)
+    """Write the figure as PNG (by atomic replace); ``dpi`` keeps text legible when the page scales it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    replace_file(path, buffer.getvalue())
 
 
 def plot_reward(train_rows: list[Row], path: Path) -> bool:
@@ -265,7 +268,7 @@ def write_plots(train_rows: list[Row], eval_rows: list[Row], plot_dir: Path,
 
     The names are the keys of ``CAPTIONS``; the report links ``plots/<name>.png``.
     """
-    plot_dir.mkdir(parents=True, exist_ok=True)
+    output_dir(plot_dir)
     jobs = {
         "reward": lambda p: plot_reward(train_rows, p),
         "accuracy": lambda p: plot_accuracy(eval_rows, p),

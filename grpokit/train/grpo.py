@@ -36,7 +36,8 @@ from grpokit.models.checkpoint import STATE_FILE, load_trained_weights, publish_
 from grpokit.rewards import RewardOrchestrator, RewardSet, build_orchestrator
 from grpokit.rollout import Rollouts, TorchSampler, encode_prompts
 from grpokit.train.batch import Batch, collect_batch, sample_round
-from grpokit.train.rundir import check_run_dir, find_resume_checkpoint, now_iso, prepare_run_dir, write_json
+from grpokit.train.rundir import (RunLock, check_run_dir, check_writable, find_resume_checkpoint, now_iso,
+                                  prepare_run_dir, write_json, write_text)
 from grpokit.train.schedule import build_optimizer
 from grpokit.train.signals import GracefulStop
 from grpokit.train.state import capture, restore
@@ -155,30 +156,52 @@ def write_samples(run: Run, step: int, batch: Batch, logger: RunLogger) -> None:
 def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progress: ProgressFn | None = None) -> Path:
     """Run the recipe end to end (or on from its latest checkpoint); return the run directory.
 
-    Data, rewards and model load before the run directory is touched, so bad input
-    never leaves a half-written run behind (or deletes the old one under --overwrite).
-    SIGINT/SIGTERM end the run after the current step with a checkpoint (run.json
-    status "stopped"); ``resume=True`` continues it exactly.
+    One process per run directory: an exclusive lock on it is taken before anything is read
+    or loaded and held to the end, so a second ``train`` refuses at once (``RunLock``). Data,
+    rewards and model load before the run directory is written, so bad input never leaves a
+    half-written run behind (or deletes the old one under --overwrite). From the step-0
+    evaluation to the final checkpoint, SIGINT/SIGTERM end the run cleanly: after the current
+    evaluation or step, with a checkpoint (run.json status "stopped"); ``resume=True``
+    continues it exactly. A signal during the final evaluation or checkpoint lets both finish.
     """
     t_start = time.perf_counter()
-    training = recipe.training
-    resume_from = find_resume_checkpoint(training.output_dir, recipe) if resume else None
-    if resume_from is None:
-        check_run_dir(training.output_dir, overwrite)
-    run = setup(recipe)
-    optimizer, scheduler = build_optimizer(run.policy.trainable_parameters(), training, recipe.algorithm.num_iterations)
+    output_dir = recipe.training.output_dir
+    with RunLock(output_dir):
+        resume_from = find_resume_checkpoint(output_dir, recipe) if resume else None
+        if resume_from is None:
+            check_run_dir(output_dir, overwrite)
+        run = setup(recipe)
+        try:
+            with GracefulStop() as stop:
+                return run_to_end(run, resume_from, overwrite, stop, progress, t_start)
+        finally:
+            run.rewards.close()
+
+
+def open_run(run: Run, optimizer, scheduler, resume_from: Path | None, overwrite: bool) -> tuple[Path, int, dict]:
+    """The run directory, the step to go on from and run.json: a checkpoint loaded, or a fresh directory."""
+    recipe = run.recipe
     if resume_from is not None:
         run_dir = resume_from.parent.parent
         start, run_info = resume_run(run, optimizer, scheduler, resume_from)
     else:
-        run_dir = prepare_run_dir(training.output_dir, overwrite)
-        (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+        run_dir = prepare_run_dir(recipe.training.output_dir, overwrite)
         run_info = {"status": "running", "started": now_iso(), "steps": 0, "model": recipe.model.path,
                     "grpokit_version": __version__}
         start = 0
+    # the resolved recipe; on resume with what a resume may change (more steps, the run's new place)
+    write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
     write_json(run_dir / "run.json", run_info)
-    logger = None
-    prior_wall = run_info.get("wall_s", 0.0)
+    return run_dir, start, run_info
+
+
+def run_to_end(run: Run, resume_from: Path | None, overwrite: bool, stop: GracefulStop, progress: ProgressFn | None,
+               t_start: float) -> Path:
+    """Evaluate, train step by step, evaluate, checkpoint; stop cleanly after the eval or step a signal lands in."""
+    recipe, training = run.recipe, run.recipe.training
+    optimizer, scheduler = build_optimizer(run.policy.trainable_parameters(), training, recipe.algorithm.num_iterations)
+    run_dir, start, run_info = open_run(run, optimizer, scheduler, resume_from, overwrite)
+    prior_wall, logger = run_info.get("wall_s", 0.0), None
 
     def checkpoint(step: int) -> None:
         save_run_checkpoint(run, optimizer, scheduler, run_dir, step, prior_wall + time.perf_counter() - t_start)
@@ -187,51 +210,73 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
 
     try:
         logger = RunLogger(run_dir, recipe.logging, recipe.model_dump(mode="json"))
-        if start == 0:
+        # a run stopped at step 0 may have evaluated already: its checkpoint holds the state after that
+        if start == 0 and not stop.requested and not (run_dir / "eval" / "step-0.json").is_file():
             run_eval(run, 0, run_dir, logger)
-        with GracefulStop() as stop:
-            for step in range(start + 1, training.max_steps + 1):
-                t0 = time.perf_counter()
-                batch = collect_batch(run, step, next_prompts)
-                t_generate = time.perf_counter() - t0
-                metrics = policy_update(run, optimizer, scheduler, batch.rollouts, batch.advantages_N)
-                count_skips(run, metrics, step)
-                step_time = time.perf_counter() - t0
-                rewards = reward_metrics(batch.fresh)
-                logger.metrics({"step": step, "kind": "train", **rewards, **batch.metrics, **metrics,
-                                  **rollout_metrics(batch.rollouts, recipe, step_time), "generate_time_s": t_generate})
-                if progress:
-                    progress(step, {"reward": rewards["reward"], "kl": metrics["kl"], "step_time_s": step_time})
-                if recipe.logging.samples_every and step % recipe.logging.samples_every == 0:
-                    write_samples(run, step, batch, logger)
-                if step == training.max_steps:
-                    break
+        step = start
+        while step < training.max_steps and not stop.requested:
+            step += 1
+            run_step(run, optimizer, scheduler, step, logger, progress)
+            if step < training.max_steps:  # the last step's eval and checkpoint are the final ones, below
                 if training.eval_every and step % training.eval_every == 0:
                     run_eval(run, step, run_dir, logger)
-                if stop.requested or (training.save_every and step % training.save_every == 0):
+                if training.save_every and step % training.save_every == 0 and not stop.requested:
                     checkpoint(step)
-                if stop.requested:
-                    run_info.update(status="stopped", stopped=now_iso(), stop_signal=stop.requested)
-                    write_json(run_dir / "run.json", run_info)
-                    log.warning("stopped by %s after step %d with a checkpoint; continue with: "
-                                "grpokit train RECIPE --resume", stop.requested, step)
-                    return run_dir
+        if stop.requested and step < training.max_steps:
+            checkpoint(step)
+            logger.close()
+            run_info.update(status="stopped", stopped=now_iso(), stop_signal=stop.requested)
+            write_json(run_dir / "run.json", run_info)
+            log.warning("stopped by %s after step %d with a checkpoint; continue with the same command (the same "
+                        "recipe and --set overrides) plus --resume", stop.requested, step)
+            return run_dir
         final = training.max_steps
         if final > start or final == 0:
             run_eval(run, final, run_dir, logger)
         checkpoint(final)
     except BaseException as exc:
-        if logger is not None:
-            logger.close(failed=True)
-        run_info.update(status="failed", error=f"{type(exc).__name__}: {exc}", failed=now_iso())
-        write_json(run_dir / "run.json", run_info)
+        record_failure(run_dir, run_info, logger, exc)
         raise
-    finally:
-        run.rewards.close()
+    if stop.requested:
+        log.warning("%s arrived during the last step, evaluation or checkpoint: they completed, the run is finished",
+                    stop.requested)
     logger.close()
     run_info.update(status="finished", finished=now_iso(), steps=final, wall_s=prior_wall + time.perf_counter() - t_start)
     write_json(run_dir / "run.json", run_info)
     return run_dir
+
+
+def run_step(run: Run, optimizer, scheduler, step: int, logger: RunLogger, progress: ProgressFn | None) -> None:
+    """One GRPO step: sample and score a batch, take the update, log its metrics (and samples)."""
+    recipe = run.recipe
+    t0 = time.perf_counter()
+    batch = collect_batch(run, step, next_prompts)
+    t_generate = time.perf_counter() - t0
+    metrics = policy_update(run, optimizer, scheduler, batch.rollouts, batch.advantages_N)
+    count_skips(run, metrics, step)
+    step_time = time.perf_counter() - t0
+    rewards = reward_metrics(batch.fresh)
+    logger.metrics({"step": step, "kind": "train", **rewards, **batch.metrics, **metrics,
+                    **rollout_metrics(batch.rollouts, recipe, step_time), "generate_time_s": t_generate})
+    if progress:
+        progress(step, {"reward": rewards["reward"], "kl": metrics["kl"], "step_time_s": step_time})
+    if recipe.logging.samples_every and step % recipe.logging.samples_every == 0:
+        write_samples(run, step, batch, logger)
+
+
+def record_failure(run_dir: Path, run_info: dict[str, Any], logger: RunLogger | None, exc: BaseException) -> None:
+    """Mark run.json "failed" with the error, as far as the disk allows: a full disk must still end in
+    the error that says so, not in a second one raised while recording it."""
+    try:
+        if logger is not None:
+            logger.close(failed=True)
+    except Exception as close_error:  # a tracker or a full disk: the run's own error is the one to report
+        log.warning("closing the run's logs failed too: %s: %s", type(close_error).__name__, close_error)
+    run_info.update(status="failed", error=f"{type(exc).__name__}: {exc}", failed=now_iso())
+    try:
+        write_json(run_dir / "run.json", run_info)
+    except OSError as write_error:
+        log.warning("could not record the failure in %s: %s", run_dir / "run.json", write_error)
 
 
 def count_skips(run: Run, metrics: dict[str, float], step: int) -> None:
@@ -287,8 +332,10 @@ def rollout_metrics(rollouts: Rollouts, recipe: Recipe, step_time: float) -> dic
 
 
 def dry_run(recipe: Recipe, num_prompts: int = 2) -> dict[str, Any]:
-    """Validate everything a run needs and sample once, without writing a run directory."""
+    """Validate everything a run needs and sample once, without writing a run directory (whether
+    training.output_dir could be written is asked of the kernel first, leaving nothing there)."""
     t0 = time.perf_counter()
+    check_writable(recipe.training.output_dir)
     run = setup(recipe)
     try:
         rnd = sample_round(run, run.train_rows[:num_prompts], step=0)

@@ -2,6 +2,10 @@
 
 Schedulers (Slurm, Kubernetes, a laptop's Ctrl-C) send SIGTERM or SIGINT before they kill;
 the step in flight is finished instead of lost, and the run resumes exactly from there.
+The trainer holds this handler from the end of setup (data, rewards, model loaded) to the
+final checkpoint, so the step-0 evaluation, the final evaluation and the checkpoint writes
+are covered too: whatever is in flight completes, then the run stops with a checkpoint.
+During setup nothing is worth saving yet and the default action (exit) stands.
 A second signal while the first is being honoured aborts at once (KeyboardInterrupt), for
 a user who really means it.
 """
@@ -27,8 +31,8 @@ class GracefulStop:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        log.warning("%s received: finishing this step, then writing a checkpoint (send it again to abort now)",
-                    self.requested)
+        log.warning("%s received: finishing the current step or evaluation, then writing a checkpoint "
+                    "(send it again to abort now)", self.requested)
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():  # handlers can only be set there

@@ -31,7 +31,7 @@ from grpokit import __version__
 from grpokit.config import SupervisedTrainingConfig, dump_recipe
 from grpokit.errors import DataError, TrainingError
 from grpokit.log import JsonlSink
-from grpokit.train.rundir import check_run_dir, now_iso, prepare_run_dir, write_json
+from grpokit.train.rundir import RunLock, check_run_dir, now_iso, prepare_run_dir, write_json
 from grpokit.train.schedule import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,13 @@ def fit(job: SupervisedJob, training: SupervisedTrainingConfig, sink: JsonlSink,
 
 def run_stage(recipe, kind: str, setup: Callable[[], SupervisedJob], overwrite: bool = False,
               progress: ProgressFn | None = None) -> Path:
+    """``_run_stage`` holding the run directory's lock: two processes never write one run directory."""
+    with RunLock(recipe.training.output_dir):
+        return _run_stage(recipe, kind, setup, overwrite, progress)
+
+
+def _run_stage(recipe, kind: str, setup: Callable[[], SupervisedJob], overwrite: bool = False,
+               progress: ProgressFn | None = None) -> Path:
     """Check the run dir, build the job (data and model), train, save; return the run directory.
 
     The run directory is touched only after ``setup`` succeeded, so bad data or a missing
