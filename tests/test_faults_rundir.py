@@ -389,3 +389,20 @@ def test_a_copied_run_directory_resumes_at_its_new_place(finished_lora_run, tmp_
     assert latest_checkpoint(copy / "checkpoints").name == "step-2"
     assert yaml.safe_load((copy / "recipe.yaml").read_text())["training"]["output_dir"] == str(copy)
     assert snapshot(run_dir) == before  # the original was not touched
+
+
+@pytest.mark.parametrize("stage, recipe", [("sft", "recipes/sft-demo.yaml"), ("reward-model", "recipes/reward-model-demo.yaml")])
+def test_the_supervised_stages_take_the_run_directory_lock_too(tmp_path, capsys, monkeypatch, stage, recipe):
+    from grpokit.train.rundir import RunLock
+
+    import grpokit.train.supervised as supervised
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the stage trained although another process holds its run directory")
+
+    monkeypatch.setattr(supervised, "fit", no_fit)
+    out = tmp_path / "out"
+    with RunLock(out):
+        assert main([stage, str(Path(__file__).resolve().parents[1] / recipe), "--set",
+                     f"training.output_dir={out}"]) == 2
+    assert f"{out} is in use by another grpokit process (pid {os.getpid()}" in error_line(capsys)
