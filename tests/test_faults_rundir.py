@@ -322,6 +322,11 @@ def test_a_checkpoint_with_only_a_pickled_adapter_is_refused_with_how_to_convert
     assert main(["train", str(write_recipe(tmp_path / "recipe.yaml", raw)), "--resume"]) == 2
     message = error_line(capsys)
     assert "adapter_model.bin is a pickle file" in message and "save_file" in message
+    # the same checkpoint as model.adapter (an SFT warm start merged before training): refused, not unpickled
+    from grpokit.models.loading import merge_adapter
+
+    with pytest.raises(ModelError, match=expected):
+        merge_adapter(object(), str(checkpoint))
 
 
 # ============================================================================ item 12: untrusted run directories

@@ -177,7 +177,10 @@ def merge_adapter(model, adapter: str):
     if not (directory / "adapter_config.json").is_file():
         raise ModelError(f"model.adapter {adapter!r}: no adapter_config.json there; pass the directory "
                          "`grpokit sft` wrote (e.g. runs/sft/adapter) or a PEFT adapter")
-    return PeftModel.from_pretrained(model, directory).merge_and_unload()
+    from grpokit.models.checkpoint import checkpoint_weights
+
+    checkpoint_weights(directory, lora=True)  # safetensors only: PEFT would unpickle adapter_model.bin
+    return PeftModel.from_pretrained(model, directory, use_safetensors=True).merge_and_unload()
 
 
 def wrap_policy(model, tokenizer, model_cfg, beta: float, device: torch.device, merge_lora: bool = False) -> Policy:
