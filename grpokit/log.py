@@ -10,6 +10,7 @@ training run. See docs/logging.md for how each tracker names things.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 from urllib.parse import urlparse
 
 from grpokit.config import flatten  # noqa: F401 - MLflow params are the flattened recipe
-from grpokit.errors import RecipeError
+from grpokit.errors import RecipeError, RunDirError
 
 if TYPE_CHECKING:
     from grpokit.config import LoggingConfig
@@ -49,7 +50,14 @@ class JsonlSink:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = self.path.open("a", encoding="utf-8")
+        try:  # O_NOFOLLOW: a link planted in a run directory must not make the run append elsewhere
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise RunDirError(f"{self.path} is a symbolic link; a run directory's logs are written in place, "
+                              "never through a link: remove the link") from None
+        self._handle = os.fdopen(fd, "a", encoding="utf-8")
 
     def log(self, row: dict[str, Any]) -> None:
         self._handle.write(json.dumps({k: _clean(v) for k, v in row.items()}, ensure_ascii=False) + "\n")

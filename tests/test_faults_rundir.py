@@ -411,3 +411,19 @@ def test_the_supervised_stages_take_the_run_directory_lock_too(tmp_path, capsys,
         assert main([stage, str(Path(__file__).resolve().parents[1] / recipe), "--set",
                      f"training.output_dir={out}"]) == 2
     assert f"{out} is in use by another grpokit process (pid {os.getpid()}" in error_line(capsys)
+
+
+def test_logs_are_never_appended_through_a_link(tmp_path):
+    from grpokit.log import JsonlSink
+
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("precious\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").symlink_to(target)
+    with pytest.raises(RunDirError, match="metrics.jsonl is a symbolic link"):
+        JsonlSink(tmp_path / "run" / "metrics.jsonl")
+    assert target.read_text() == "precious\n"
+    sink = JsonlSink(tmp_path / "run" / "samples.jsonl")  # an ordinary file is appended as before
+    sink.log({"step": 1})
+    sink.close()
+    assert (tmp_path / "run" / "samples.jsonl").read_text() == '{"step": 1}\n'
