@@ -22,11 +22,12 @@ import errno
 import json
 import os
 import re
-import secrets
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from grpokit.io import replace_file
 
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
@@ -131,14 +132,7 @@ def publish_checkpoint(directory: Path, keep: int) -> None:
     """Point ``latest`` at a complete checkpoint, then delete all but the newest ``keep`` and any
     staging leftovers of an earlier crash."""
     checkpoints_dir = directory.parent
-    tmp = checkpoints_dir / f".{LATEST}.{secrets.token_hex(6)}.tmp"
-    # O_EXCL: a new file, never one (or a link) planted under that name
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(directory.name + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, checkpoints_dir / LATEST)
+    replace_file(checkpoints_dir / LATEST, (directory.name + "\n").encode())
     _fsync(checkpoints_dir)
     complete = step_checkpoints(checkpoints_dir)
     for _, old in complete[:-keep]:

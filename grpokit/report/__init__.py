@@ -19,7 +19,8 @@ import yaml
 
 from grpokit.errors import RunDirError
 from grpokit.report.compare import write_comparison
-from grpokit.report.files import Row, bad_line, read_json, read_jsonl, read_step_evals, replace_file, step_eval_files
+from grpokit.io import replace_file
+from grpokit.report.files import Row, bad_line, read_json, read_jsonl, read_step_evals, step_eval_files
 from grpokit.report.markdown import build_markdown
 from grpokit.report.plots import write_plots
 from grpokit.report.stats import interval, pass_at_k

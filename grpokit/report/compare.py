@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from grpokit.errors import RunDirError
-from grpokit.report.files import Row, number, read_json, replace_file, step_eval_files
+from grpokit.io import replace_file
+from grpokit.report.files import Row, number, read_json, step_eval_files
 from grpokit.report.markdown import EvalFigure, cell, eval_figures, fmt, format_difference, rounded, table
 from grpokit.report.plots import plot_comparison
 from grpokit.report.stats import accuracy_difference, correct_list, interval, pass_at_k, sampling, verdict

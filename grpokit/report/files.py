@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -93,18 +92,3 @@ def output_dir(path: Path) -> Path:
                               "again") from None
         raise
     return path
-
-
-def replace_file(path: Path, data: bytes) -> None:
-    """Write ``path`` whole by atomic replace: a new file beside it (``O_EXCL``: never an existing
-    file or link; mode from the umask, as a plain write), then renamed over ``path``. A reader never
-    sees half a file, and a link at ``path`` is replaced, not followed."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -19,7 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
-from grpokit.report.files import Row, number, output_dir, replace_file
+from grpokit.io import replace_file
+from grpokit.report.files import Row, number, output_dir
 
 CAPTIONS = {
     "reward": "Reward per training step (total, moving average, and each component)",

@@ -18,7 +18,6 @@ import fcntl
 import json
 import logging
 import os
-import secrets
 import shlex
 import shutil
 import socket
@@ -29,6 +28,7 @@ from pathlib import Path
 import yaml
 
 from grpokit.errors import RunDirError
+from grpokit.io import replace_file
 
 log = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
@@ -225,17 +225,7 @@ def write_text(path: Path, text: str) -> None:
     link), fsynced, then renamed over it; a reader never sees half a file, and a link at ``path``
     is replaced, never written through."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    replace_file(path, text.encode("utf-8"))
 
 
 def write_json(path: Path, payload: dict) -> None:

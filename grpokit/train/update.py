@@ -60,7 +60,8 @@ def fill_fixed_logprobs(policy, micro_batches: list[MicroBatch], need_ref: bool,
 def check_finite_weights(parameters) -> None:
     """Finite loss and gradients can still give a non-finite step (an optimiser state or learning rate
     gone wrong); stop before such weights are sampled from or checkpointed, the last checkpoint intact."""
-    if not all(torch.isfinite(p).all() for p in parameters):
+    # one host sync for all tensors, not one per tensor: this runs after every optimiser step
+    if not torch.stack([torch.isfinite(p).all() for p in parameters]).all():
         raise TrainingError("the optimiser step made trainable weights non-finite (NaN or inf) although the loss "
                             "and gradients were finite; the weights in memory are lost, the last checkpoint is "
                             "intact. Lower training.learning_rate or check training.weight_decay, then resume")
