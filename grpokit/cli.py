@@ -162,7 +162,7 @@ def cmd_rewards_check(args) -> int:
 
     from grpokit.config import load_recipe
     from grpokit.data import read_jsonl
-    from grpokit.eval.runner import columns_of
+    from grpokit.rewards import columns_of
     from grpokit.rewards import RewardSet, build_orchestrator
 
     recipe = load_recipe(args.recipe, args.set)
@@ -232,10 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--names", nargs="+", help="column names, one per source")
     compare.set_defaults(func=cmd_compare)
     from grpokit.data.commands import add_data_commands
-    from grpokit.generate import add_generate_command
+    from grpokit.eval.generate import add_generate_command
 
-    from grpokit.reward_model import add_reward_model_command
-    from grpokit.sft import add_sft_command
+    from grpokit.train.reward_model import add_reward_model_command
+    from grpokit.train.sft import add_sft_command
 
     add_data_commands(sub)
     add_generate_command(sub)

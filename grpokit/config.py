@@ -74,10 +74,45 @@ class ModelConfig(Section):
         return value
 
 
+DEFAULT_SOURCE = "builtin:larger_number"
+DATA_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+def source_name(path: str) -> str:
+    """A data source's default name (its rows' ``data_source``): a built-in task's name, a file's stem, a folder's name."""
+    if path.startswith("builtin:"):
+        return path.split(":", 1)[1]
+    path_ = Path(path)
+    return path_.stem if path_.suffix.lower() in DATA_FILE_SUFFIXES else path_.name
+
+
+class DataSourceConfig(Section):
+    path: str
+    """One dataset, written as data.source is: "builtin:<task>", "gsm8k", a data file or a save_to_disk folder."""
+    weight: float = Field(1.0, gt=0)
+    """Relative share of the training rows: each is drawn from this source with probability weight / (sum of weights)."""
+    name: str | None = Field(None, min_length=1)
+    """The rows' `data_source` value (default: the task's name, the file's stem or the folder's name); unique."""
+    eval_size: int | None = Field(None, ge=0)
+    """Held-out rows taken from this source (default: data.eval_size)."""
+
+    @property
+    def label(self) -> str:
+        return self.name or source_name(self.path)
+
+
 class DataConfig(Section):
-    source: str = "builtin:larger_number"
-    """"builtin:<task>", "gsm8k" (from ../shared/data/gsm8k or data.path), or a .jsonl/.json file (relative to the
-    working directory, else to the recipe's folder)."""
+    source: str | None = None
+    """One dataset: "builtin:<task>", "gsm8k" (from ../shared/data/gsm8k or data.path), a .jsonl file (JSON lines),
+    a .json file (a JSON array of objects, or JSON lines), a .csv or .parquet file, or a folder written by
+    datasets' save_to_disk (a DatasetDict trains on "train" and holds out from "test", else "validation").
+    Relative paths: the working directory, else the recipe's folder. Default: builtin:larger_number, unless
+    data.sources is given. Every row gets the source's name as `data_source` (unless it has that column)."""
+    sources: list[DataSourceConfig] | None = None
+    """Several datasets mixed by weight, instead of data.source: [{path, weight, name, eval_size}]. Each is read
+    and split as data.source would be; training rows are drawn as datasets.interleave_datasets(probabilities=
+    weights / sum, seed=data.seed, stopping_strategy="all_exhausted") draws them; the held-out rows are every
+    source's, in source order (docs/data.md)."""
     path: str | None = None
     """Directory of the GSM8K files (train.jsonl, test.jsonl) when source is "gsm8k"."""
     prompt_field: str = "prompt"
@@ -85,18 +120,63 @@ class DataConfig(Section):
     answer_field: str = "answer"
     """Column holding the reference answer: rewards get it as `answer` and under its own name."""
     eval_size: int = Field(128, ge=0)
-    """Held-out rows for the before/after evaluation (taken from the test split, or split off)."""
+    """Held-out rows for the before/after evaluation (taken from the test split, or split off); per source."""
     train_size: int | None = Field(None, ge=1)
-    """Use at most this many training rows (built-in tasks: how many to generate)."""
+    """Use at most this many training rows (built-in tasks: how many to generate; with sources: of the mix)."""
     chat_template: bool = True
     """Wrap string prompts as a user message and apply the tokenizer's chat template."""
     system_prompt: str | None = None
     """Optional system message placed before each prompt when the chat template is applied."""
     seed: int = 1234
-    """Seed for generating built-in tasks and splitting off the held-out rows."""
+    """Seed for generating built-in tasks, splitting off the held-out rows and mixing data.sources."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_source(cls, values: Any) -> Any:
+        # the default task only when neither key is written: `source: null` must come with data.sources
+        if isinstance(values, dict) and "source" not in values and values.get("sources") is None:
+            values = {**values, "source": DEFAULT_SOURCE}
+        return values
+
+    @model_validator(mode="after")
+    def _one_kind_of_source(self) -> "DataConfig":
+        if self.source is not None and self.sources is not None:
+            raise ValueError("data.source and data.sources are both set; give one dataset (source) or a weighted mix "
+                             "(sources), and null the other (e.g. --set data.source=null)")
+        if self.sources == []:
+            raise ValueError("data.sources is empty; list at least one source, e.g. [{path: a.jsonl, weight: 1.0}]")
+        if self.source is None and self.sources is None:
+            raise ValueError("no data: set data.source (e.g. builtin:larger_number) or data.sources "
+                             "(e.g. [{path: a.jsonl, weight: 0.7}, {path: b.jsonl, weight: 0.3}])")
+        names = [spec.label for spec in self.sources or ()]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"data.sources: the name(s) {duplicated} appear twice (a name defaults to the file's stem "
+                             "or the task's name); give each source its own `name`")
+        return self
+
+    @property
+    def label(self) -> str:
+        """What the data is, for messages and file names: data.source, or the sources' names joined by '+'."""
+        return self.source if self.source is not None else "+".join(spec.label for spec in self.sources)
+
+    def anchor_paths(self, folder: Path) -> None:
+        """Data paths written relative to the recipe's folder: a relative path that names nothing in the working
+        directory but something in ``folder`` becomes absolute, so the recipe runs from any directory."""
+        def anchored(path: str) -> str:
+            if path.startswith("builtin:") or path == "gsm8k" or Path(path).is_absolute() or Path(path).exists():
+                return path
+            return str(folder / path) if (folder / path).exists() else path
+
+        if self.source is not None:
+            self.source = anchored(self.source)
+        for spec in self.sources or ():
+            spec.path = anchored(spec.path)
 
 
 class RolloutConfig(Section):
+    backend: Literal["torch"] = "torch"
+    """Which Sampler draws the completions (grpokit/rollout): torch, decoding with the policy's own modules."""
     num_generations: int = Field(8, ge=2)
     """G: completions sampled per prompt; advantages compare completions within a group."""
     max_prompt_length: int = Field(256, ge=1)
@@ -127,10 +207,17 @@ class ReplayConfig(Section):
     """Share of each step's P groups drawn from the buffer (at most P - 1)."""
 
 
+# The choices of the algorithm's registries (grpokit/algo), spelled out here so loading a recipe
+# imports no torch; tests/test_layering.py checks they equal the registered names.
+LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
+AdvantageEstimator = Literal["group_std", "group_mean", "batch_std", "rloo"]
+KlEstimator = Literal["k1", "k2", "k3"]
+
+
 class AlgorithmConfig(Section):
     beta: float = Field(0.04, ge=0)
     """Weight of the KL penalty to the reference; 0 skips the reference pass entirely."""
-    kl_estimator: str = "k3"
+    kl_estimator: KlEstimator = "k3"
     """KL(policy || reference) estimator: k1 (log ratio), k2 (squared log ratio / 2) or k3 (exp(r) - r - 1)."""
     epsilon: float = Field(0.2, gt=0, lt=1)
     """PPO clip range: the ratio is clipped to [1 - epsilon, 1 + epsilon]."""
@@ -138,9 +225,9 @@ class AlgorithmConfig(Section):
     """Lower clip range (default: epsilon)."""
     epsilon_high: float | None = Field(None, gt=0)
     """Upper clip range (default: epsilon); DAPO's clip-higher uses 0.28 with epsilon_low 0.2."""
-    loss_type: str = "grpo"
+    loss_type: LossType = "grpo"
     """How token losses are averaged: grpo, bnpo, dr_grpo or dapo (see grpokit/algo/loss.py)."""
-    advantage: str = "group_std"
+    advantage: AdvantageEstimator = "group_std"
     """Advantage estimator: group_std (GRPO), group_mean (Dr. GRPO), batch_std, or rloo."""
     importance_level: Literal["token", "sequence"] = "token"
     """Importance weights per token (GRPO) or per sequence, length-normalised (GSPO)."""
@@ -160,16 +247,6 @@ class AlgorithmConfig(Section):
     """Train only on the tokens in this top quantile of entropy (1.0: all tokens; 0.2 as in arXiv:2506.01939)."""
     replay: ReplayConfig = Field(default_factory=ReplayConfig)
     """Replay buffer of high-|advantage| groups mixed into later batches (off by default)."""
-
-    @field_validator("loss_type", "advantage", "kl_estimator")
-    @classmethod
-    def _registered(cls, value: str, info) -> str:
-        from grpokit.algo import ADVANTAGES, KL_ESTIMATORS, LOSS_TYPES
-
-        registry = {"loss_type": LOSS_TYPES, "advantage": ADVANTAGES, "kl_estimator": KL_ESTIMATORS}[info.field_name]
-        if value not in registry.names():
-            raise ValueError(f"choose one of {registry.names()}")
-        return value
 
     @property
     def clip_range(self) -> tuple[float, float]:

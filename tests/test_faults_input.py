@@ -300,9 +300,9 @@ def test_prompts_over_max_prompt_length_truncated_with_a_warning(recipe, tmp_pat
     recipe = with_data(recipe, overflow_data(tmp_path), eval_size=2)
     recipe["rollout"]["max_prompt_length"] = 64
     path = write_recipe(tmp_path / "recipe.yaml", recipe)
-    with caplog.at_level(logging.WARNING, logger="grpokit.train.grpo"):
+    with caplog.at_level(logging.WARNING, logger="grpokit.train.run"):
         assert main(["train", str(path)]) == 0
-    warnings = [r.getMessage() for r in caplog.records if r.name == "grpokit.train.grpo" and r.levelno == logging.WARNING]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "grpokit.train.run" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "3 of 10 prompts" in warnings[0] and "= 64" in warnings[0], warnings
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "finished"
 

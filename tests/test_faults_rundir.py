@@ -73,12 +73,12 @@ def error_line(capsys) -> str:
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail the test if the model is loaded: a refusal must come before it."""
-    import grpokit.train.grpo as grpo
+    import grpokit.train.run as run
 
     def load_policy(*args, **kwargs):
         raise AssertionError("the model was loaded before the refusal")
 
-    monkeypatch.setattr(grpo, "load_policy", load_policy)
+    monkeypatch.setattr(run, "load_policy", load_policy)
 
 
 # ============================================================================ item 5: one process per run dir
@@ -315,9 +315,9 @@ def test_a_checkpoint_with_only_a_pickled_adapter_is_refused_with_how_to_convert
     with pytest.raises(ModelError, match=expected):
         load_checkpoint_policy(checkpoint, model_cfg)
 
-    import grpokit.train.grpo as grpo
+    import grpokit.train.run as run
 
-    monkeypatch.setattr(grpo, "load_policy", lambda *a, **k: pytest.fail("--resume loaded the model first"))
+    monkeypatch.setattr(run, "load_policy", lambda *a, **k: pytest.fail("--resume loaded the model first"))
     raw["training"]["max_steps"] = 2
     assert main(["train", str(write_recipe(tmp_path / "recipe.yaml", raw)), "--resume"]) == 2
     message = error_line(capsys)

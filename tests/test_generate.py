@@ -10,7 +10,7 @@ import yaml
 from grpokit.config import recipe_from_dict
 from grpokit.data import load_splits
 from grpokit.errors import DataError, GrpokitError
-from grpokit.generate import meta_path, row_seed
+from grpokit.eval.generate import meta_path, row_seed
 
 from conftest import run_cli, tiny_recipe, toy_digits, toy_leading_digit
 

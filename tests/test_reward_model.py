@@ -10,14 +10,16 @@ import torch
 
 from grpokit.config import RewardModelRecipe, load_recipe, recipe_from_dict
 from grpokit.errors import DataError, ModelError
-from grpokit.reward_model import (PairExample, bradley_terry, load_reward_model, pair_of,
-                                  read_rows, reward_model, train_reward_model)
+from grpokit.data.pairs import pair_of, read_preference_rows
+from grpokit.models.reward_head import load_reward_model
+from grpokit.rewards.reward_model import reward_model
+from grpokit.train.reward_model import PairExample, bradley_terry, train_reward_model
 
 from conftest import run_cli, tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "apple river stone cloud green quiet table window music light paper summer".split()
-REWARD = "reward_model"  # registered by grpokit.rewards; "grpokit.reward_model:score" names the same function
+REWARD = "reward_model"  # registered by grpokit.rewards; "grpokit.rewards.reward_model:score" names the same function
 
 
 def planted_pairs(n, seed=0):
@@ -80,11 +82,11 @@ def test_pair_rows_explicit_and_implicit_prompt():
 def test_bad_pairs_fail_with_file_and_line(tmp_path, row, message):
     data = write_jsonl(tmp_path / "p.jsonl", [planted_pairs(1)[0], row])
     with pytest.raises(DataError, match=message) as err:
-        read_rows(rm_recipe("unused", data, tmp_path / "o").data)
+        read_preference_rows(rm_recipe("unused", data, tmp_path / "o").data.source)
     assert f"{data}:2:" in str(err.value)
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match="no preference pairs"):
-        read_rows(rm_recipe("unused", tmp_path / "empty.jsonl", tmp_path / "o").data)
+        read_preference_rows(rm_recipe("unused", tmp_path / "empty.jsonl", tmp_path / "o").data.source)
 
 
 @pytest.fixture(scope="module")
@@ -115,14 +117,14 @@ def test_reward_model_learns_a_planted_preference(trained):
 
 
 def test_reloaded_model_gives_identical_scores_and_ranks_the_planted_pair(trained):
-    from grpokit.reward_model import encode_pairs, held_out_preferences
+    from grpokit.train.reward_model import encode_pairs, held_out_preferences
     from grpokit.train.supervised import hold_out
 
     recipe = load_recipe(trained / "recipe.yaml", schema=RewardModelRecipe)
     reloaded = load_reward_model(trained / "reward_model", device="cpu")
     # the held-out pairs scored again from disk: the same loss, accuracy and margin as at the end of training
     data = recipe.data
-    _, rows = hold_out(read_rows(data), data.eval_size, data.seed, data.source)
+    _, rows = hold_out(read_preference_rows(data.source), data.eval_size, data.seed, data.source)
     held_out, _ = encode_pairs(rows, reloaded.tokenizer, recipe.training.max_length, data.system_prompt)
     with torch.no_grad():
         again = held_out_preferences(reloaded, held_out, recipe.head.margin, recipe.training.batch_size)

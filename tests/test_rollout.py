@@ -5,7 +5,7 @@ import torch
 
 from grpokit.config import ModelConfig
 from grpokit.models.loading import wrap_policy
-from grpokit.rollout import TorchSampler, completion_logprobs, encode_prompts
+from grpokit.rollout import PromptEncoder, build_sampler, completion_logprobs
 from grpokit.rollout.sampler import sample_next
 from tests.conftest import make_tiny_model
 
@@ -15,12 +15,19 @@ def tiny_policy(tokenizer, dtype="float32", lora=None):
     return wrap_policy(make_tiny_model(len(tokenizer)), tokenizer, cfg, beta=0.0, device=torch.device("cpu"))
 
 
+def encode(tokenizer, prompts, chat_template=True, max_length=64):
+    return PromptEncoder(tokenizer, chat_template, None, max_length)([{"prompt": p} for p in prompts])
+
+
+def sampler_of(policy, max_new_tokens, seed=0):
+    return build_sampler(policy, max_new_tokens=max_new_tokens, seed=seed)
+
+
 def test_sampler_respects_max_tokens_and_groups(char_tokenizer):
     policy = tiny_policy(char_tokenizer)
-    ids, cut = encode_prompts(char_tokenizer, ["hi", "a longer prompt"], True, None, max_length=64)
-    assert cut == 0
-    sampler = TorchSampler(policy, max_new_tokens=5, generator=torch.Generator().manual_seed(0))
-    out = sampler.generate(ids, num_generations=3)
+    batch = encode(char_tokenizer, ["hi", "a longer prompt"])
+    assert batch.truncated == 0
+    out = sampler_of(policy, 5).generate(batch, num_generations=3)
     assert out.completion_ids_NC.shape == (6, 5)
     assert torch.equal(out.prompt_ids_NP[0], out.prompt_ids_NP[2])  # a group shares its prompt
     assert out.completion_lengths_N.max() <= 5
@@ -32,16 +39,15 @@ def test_sampler_stops_at_eos_and_masks_after_it(char_tokenizer):
     # make EOS the most likely token everywhere: greedy decoding must stop at once
     policy.model.get_output_embeddings().weight.data.zero_()
     policy.model.get_output_embeddings().weight.data[eos] = 1.0
-    ids, _ = encode_prompts(char_tokenizer, ["x"], True, None, max_length=64)
-    out = TorchSampler(policy, max_new_tokens=8).generate(ids, num_generations=2, greedy=True)
+    out = sampler_of(policy, 8).generate(encode(char_tokenizer, ["x"]), num_generations=2, greedy=True)
     assert out.completion_ids_NC.shape[1] == 1
     assert out.completion_ids_NC[:, 0].tolist() == [eos, eos]
     assert out.completion_mask_NC.tolist() == [[1], [1]] and not out.truncated_N.any()
 
 
 def test_prompts_truncate_from_the_left(char_tokenizer):
-    ids, cut = encode_prompts(char_tokenizer, ["abcdefghij"], False, None, max_length=4)
-    assert cut == 1 and char_tokenizer.decode(ids[0]) == "ghij"
+    batch = encode(char_tokenizer, ["abcdefghij"], chat_template=False, max_length=4)
+    assert batch.truncated == 1 and char_tokenizer.decode(batch.input_ids_BP[0]) == "ghij"
 
 
 def test_top_k_one_is_greedy_and_top_p_keeps_the_head():
@@ -58,8 +64,8 @@ def test_cached_decoding_matches_full_forward_scoring(char_tokenizer, attention)
     with left padding, for both attention kernels."""
     policy = tiny_policy(char_tokenizer)
     policy.model.set_attn_implementation(attention)
-    ids, _ = encode_prompts(char_tokenizer, ["abc", "a much longer prompt here"], True, None, 64)
-    out = TorchSampler(policy, max_new_tokens=6).generate(ids, num_generations=1, greedy=True)
+    out = sampler_of(policy, 6).generate(encode(char_tokenizer, ["abc", "a much longer prompt here"]),
+                                         num_generations=1, greedy=True)
     with torch.no_grad():
         logp, _ = completion_logprobs(policy.model, out.prompt_ids_NP, out.prompt_mask_NP,
                                       out.completion_ids_NC, torch.ones_like(out.completion_mask_NC))
@@ -87,8 +93,7 @@ def test_shared_prompt_prefix_gives_the_same_logprobs_and_gradients(char_tokeniz
     """Prompt once per group + repeated KV cache == the plain forward over prompt + completion."""
     policy = tiny_policy(char_tokenizer)
     policy.model.set_attn_implementation(attention)
-    ids, _ = encode_prompts(char_tokenizer, ["abc", "a much longer prompt"], True, None, 64)
-    out = TorchSampler(policy, max_new_tokens=6, generator=torch.Generator().manual_seed(0)).generate(ids, 3)
+    out = sampler_of(policy, 6).generate(encode(char_tokenizer, ["abc", "a much longer prompt"]), 3)
     inputs = (out.prompt_ids_NP, out.prompt_mask_NP, out.completion_ids_NC, out.completion_mask_NC)
     results = []
     for group_size in (1, 3):
@@ -102,3 +107,86 @@ def test_shared_prompt_prefix_gives_the_same_logprobs_and_gradients(char_tokeniz
     assert torch.allclose(plain_logp[mask], shared_logp[mask], atol=1e-5)
     assert torch.allclose(plain_entropy[mask], shared_entropy[mask], atol=1e-4)
     assert torch.allclose(plain_grad, shared_grad, atol=1e-4, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------- the Sampler contract
+
+
+def test_sampling_logprobs_equal_a_fresh_forward_pass(char_tokenizer):
+    """What the sampler records per token is log p under the model, as the trainer's pass computes it:
+    sampled (not greedy), with left padding and groups sharing a prompt; zero off the loss mask."""
+    policy = tiny_policy(char_tokenizer)
+    out = sampler_of(policy, 7, seed=3).generate(encode(char_tokenizer, ["ab", "a much longer prompt"]), 4)
+    assert out.sampling_logprobs_NC is not None and out.sampling_logprobs_NC.dtype == torch.float32
+    assert torch.equal(out.loss_mask_NC, out.completion_mask_NC)  # one turn: every kept token is the policy's
+    with torch.no_grad():
+        fresh_NC, _ = completion_logprobs(policy.model, out.prompt_ids_NP, out.prompt_mask_NP,
+                                          out.completion_ids_NC, out.completion_mask_NC)
+    mask = out.loss_mask_NC.bool()
+    assert torch.allclose(out.sampling_logprobs_NC[mask], fresh_NC[mask], atol=1e-5)
+    assert (out.sampling_logprobs_NC[~mask] == 0).all()
+    assert (out.sampling_logprobs_NC[mask] < 0).all()
+
+
+def test_sampler_state_round_trip_reproduces_samples(char_tokenizer):
+    from grpokit.rollout import Sampler
+
+    policy = tiny_policy(char_tokenizer)
+    sampler = sampler_of(policy, 6, seed=1)
+    assert isinstance(sampler, Sampler)
+    batch = encode(char_tokenizer, ["abc", "de"])
+    sampler.generate(batch, 2)
+    saved = sampler.state()
+    first = sampler.generate(batch, 2).completion_ids_NC
+    other = sampler_of(policy, 6, seed=99)
+    other.load_state(saved)
+    assert torch.equal(other.generate(batch, 2).completion_ids_NC, first)
+    assert not torch.equal(sampler.generate(batch, 2).completion_ids_NC, first)  # the stream moved on
+
+
+def test_unknown_backend_and_image_inputs_are_refused(char_tokenizer):
+    from grpokit.errors import ModelError, RecipeError
+
+    policy = tiny_policy(char_tokenizer)
+    with pytest.raises(RecipeError, match="rollout.backend 'vllm'"):
+        build_sampler(policy, "vllm", max_new_tokens=4)
+    batch = encode(char_tokenizer, ["abc"])
+    batch.multimodal = {"pixel_values": torch.zeros(1, 3, 4, 4)}
+    with pytest.raises(ModelError, match="pixel_values"):
+        sampler_of(policy, 4).generate(batch, 2)
+
+
+def test_concat_and_select_carry_the_loss_mask_and_sampling_logprobs(char_tokenizer):
+    from grpokit.rollout import Rollouts, concat_rollouts
+
+    policy = tiny_policy(char_tokenizer)
+    sampler = sampler_of(policy, 5)
+    a = sampler.generate(encode(char_tokenizer, ["abc"]), 2)
+    b = sampler.generate(encode(char_tokenizer, ["a much longer prompt"]), 2)
+    b.loss_mask_NC = b.loss_mask_NC.clone()
+    b.loss_mask_NC[:, 0] = 0  # as if its first token came from an environment
+    both = concat_rollouts([a, b], char_tokenizer.pad_token_id)
+    width = both.completion_ids_NC.size(1)
+    assert both.loss_mask_NC[2:, 0].tolist() == [0, 0] and both.loss_mask_NC[:2, 0].tolist() == [1, 1]
+    assert torch.equal(both.sampling_logprobs_NC[:2, :a.completion_ids_NC.size(1)], a.sampling_logprobs_NC)
+    assert both.sampling_logprobs_NC.shape == (4, width)
+    picked = both.select(torch.tensor([3, 0]))
+    assert torch.equal(picked.loss_mask_NC[0], both.loss_mask_NC[3])
+    assert torch.equal(picked.sampling_logprobs_NC[1], both.sampling_logprobs_NC[0])
+    # a part without sampling log-probs (an old replayed group): the whole batch has none, never a mix
+    old = Rollouts(a.prompt_ids_NP, a.prompt_mask_NP, a.completion_ids_NC, a.completion_mask_NC, a.truncated_N)
+    assert torch.equal(old.loss_mask_NC, old.completion_mask_NC)
+    assert concat_rollouts([b, old], char_tokenizer.pad_token_id).sampling_logprobs_NC is None
+
+
+def test_the_update_trains_only_on_the_loss_mask(char_tokenizer):
+    """A token outside the loss mask (an environment's) gets no gradient, though it is attended to."""
+    from grpokit.train.update import split_micro_batches
+
+    policy = tiny_policy(char_tokenizer)
+    out = sampler_of(policy, 6, seed=2).generate(encode(char_tokenizer, ["abc"]), 2)
+    out.loss_mask_NC = out.completion_mask_NC.clone()
+    out.loss_mask_NC[:, 1] = 0
+    (mb,) = split_micro_batches(out, grad_accum=1, mask_truncated=False, G=2)
+    assert mb.mask_nC[:, 1].tolist() == [0, 0]
+    assert torch.equal(mb.inputs[3], out.completion_mask_NC[:, :mb.inputs[3].size(1)])  # attention unchanged

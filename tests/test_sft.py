@@ -13,7 +13,7 @@ from grpokit.data.tasks import addition
 from grpokit.errors import DataError, RecipeError, RunDirError, TrainingError
 from grpokit.log import JsonlSink
 from grpokit.models import load_policy
-from grpokit.sft import (encode_conversation, fit_length, load_conversations, run_sft, setup_sft,
+from grpokit.train.sft import (encode_conversation, fit_length, load_conversations, run_sft, setup_sft,
                          sft_loss)
 from grpokit.train.supervised import SupervisedJob, fit, train_step
 
@@ -139,7 +139,7 @@ def tiny_policy(tiny_model_dir):
 
 
 def encoded(policy, n, seed=0):
-    from grpokit.sft import SftExample
+    from grpokit.train.sft import SftExample
 
     out = []
     for i, row in enumerate(toy_samples(n, seed)):

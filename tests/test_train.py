@@ -67,7 +67,7 @@ def test_cli_prints_errors_without_traceback(tmp_path, capsys):
 def test_grad_accum_gives_the_same_update(tiny_model_dir, tmp_path, loss_type):
     """Splitting the batch into micro-batches must not change the step (TRL's invariance test)."""
     from grpokit.train.batch import collect_batch
-    from grpokit.train.grpo import next_prompts, setup
+    from grpokit.train.run import next_prompts, setup
     from grpokit.train.update import policy_update
 
     params = []
@@ -183,7 +183,7 @@ if "toy_parity" not in REWARDS:
 
 def test_dynamic_sampling_refills_with_informative_groups(tiny_model_dir, tmp_path):
     from grpokit.train.batch import collect_batch
-    from grpokit.train.grpo import next_prompts, setup
+    from grpokit.train.run import next_prompts, setup
 
     recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", algorithm={"dynamic_sampling": True, "max_sampling_rounds": 10})
     recipe["rewards"] = [{"name": "toy_parity"}]

@@ -14,8 +14,8 @@ here is the simplest group-level form:
 Departures from RePO: a replayed group is reused whole with the advantages computed
 when it was generated (RePO retrieves off-policy completions per prompt and estimates
 their advantages separately); selection is by score, not by recency or reward strategy.
-Groups store no generation-time logprobs: the trainer recomputes "old" logprobs under the
-current policy, so replayed samples get no importance correction for their staleness.
+Groups keep their sampling-time log-probs, but the trainer recomputes "old" log-probs under
+the current policy, so replayed samples get no importance correction for their staleness.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ class ReplayGroup:
     advantages_G: torch.Tensor  # [G] float, as computed at generation time
     row: dict  # the dataset row (prompt, answer, ...)
     step: int  # training step that generated it
+    loss_mask_GC: torch.Tensor | None = None  # [G, C] tokens the policy generated (None: the completion mask)
+    sampling_logprobs_GC: torch.Tensor | None = None  # [G, C] log-probs at sampling time, when the sampler gave them
 
     @property
     def score(self) -> float:
@@ -123,7 +125,9 @@ def replay_count(prompts_per_step: int, ratio: float) -> int:
 
 def groups_from_batch(prompt_ids_NP: torch.Tensor, prompt_mask_NP: torch.Tensor, completion_ids_NC: torch.Tensor,
                       completion_mask_NC: torch.Tensor, truncated_N: torch.Tensor, rewards_N: torch.Tensor,
-                      advantages_N: torch.Tensor, rows: list[dict], group_size: int, step: int) -> list[ReplayGroup]:
+                      advantages_N: torch.Tensor, rows: list[dict], group_size: int, step: int,
+                      loss_mask_NC: torch.Tensor | None = None,
+                      sampling_logprobs_NC: torch.Tensor | None = None) -> list[ReplayGroup]:
     """Split an ``N = B*G`` batch into B groups; rows ``[i*G, (i+1)*G)`` belong to ``rows[i]``.
 
     Every tensor is cloned, so later in-place edits of the batch cannot reach the buffer
@@ -151,5 +155,8 @@ def groups_from_batch(prompt_ids_NP: torch.Tensor, prompt_mask_NP: torch.Tensor,
             truncated_G=truncated_N[rows_G].clone(),
             rewards_G=rewards_N[rows_G].clone(),
             advantages_G=advantages_N[rows_G].clone(),
-            row=dict(row), step=step))  # a copy: the dataset's row may be reused
+            row=dict(row), step=step,  # a copy: the dataset's row may be reused
+            loss_mask_GC=None if loss_mask_NC is None else loss_mask_NC[rows_G, completion_cols].clone(),
+            sampling_logprobs_GC=(None if sampling_logprobs_NC is None
+                                  else sampling_logprobs_NC[rows_G, completion_cols].clone())))
     return groups

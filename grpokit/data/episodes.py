@@ -17,14 +17,13 @@ the same step agree to the character.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from grpokit.errors import DataError
+from grpokit.io import atomic_write
 
 # strict: JSON "true"/"1" is not a bool and "3" is not an int; a typo'd key is an error
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -233,19 +232,6 @@ def check_outputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path] = 
         if not out.parent.is_dir():
             raise DataError(f"{out}: directory {out.parent} does not exist")
         seen[key] = out
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, then rename it over ``path``: readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:

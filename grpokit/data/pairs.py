@@ -35,7 +35,9 @@ from pydantic import BaseModel, ValidationError
 from grpokit.data.episodes import (
     STRICT, Converted, Episode, Step, validation_message, read_json_objects, render_action, step_messages,
 )
+from grpokit.data.chat import as_chat, check_messages
 from grpokit.errors import DataError
+from grpokit.imports import import_function
 
 Comparator = Callable[[Episode, Episode], int]
 
@@ -240,8 +242,6 @@ def resolve_comparator(name: str) -> Comparator:
     if ":" not in name:
         raise DataError(f"unknown comparator {name!r}; built-ins are {sorted(COMPARATORS)}, "
                         "or name your own as 'package.module:function' taking (a, b) and returning an int")
-    from grpokit.rewards.registry import import_function
-
     return import_function(name, "comparator", DataError)
 
 
@@ -288,3 +288,38 @@ def pairs_from_comparator(episodes: list[Episode], comparator: str | Comparator,
                                                  render_action(lose_step.action), f"comparator:{label}",
                                                  history, system))
     return _finish(candidates, skipped)
+
+
+# ----------------------------------------------------------------------------- reading pairs
+
+
+def pair_of(row: dict, where: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """``(prompt, chosen, rejected)`` message lists of one preference row."""
+    if "chosen" not in row or "rejected" not in row:
+        keys = sorted(k for k in row if k != "_line")
+        raise DataError(f"{where}: a preference pair needs 'chosen' and 'rejected' (and usually 'prompt'); "
+                        f"this row has {keys}")
+    if "prompt" in row:
+        return (as_chat(row["prompt"], "user", where, "prompt"), as_chat(row["chosen"], "assistant", where, "chosen"),
+                as_chat(row["rejected"], "assistant", where, "rejected"))
+    implicit = ("without 'prompt', chosen and rejected must be conversations that start with the same messages "
+                "(the prompt) and then differ; add a 'prompt' field")
+    if not (isinstance(row["chosen"], list) and isinstance(row["rejected"], list)):
+        raise DataError(f"{where}: {implicit}")
+    chosen, rejected = check_messages(row["chosen"], where, "chosen"), check_messages(row["rejected"], where, "rejected")
+    shared = 0  # implicit prompt: the leading messages both conversations share
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0 or shared == len(chosen) or shared == len(rejected):
+        raise DataError(f"{where}: {implicit}")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def read_preference_rows(source: str) -> list[tuple[str, tuple[list[dict], list[dict], list[dict]]]]:
+    """``(file:line, (prompt, chosen, rejected))`` per row of a preference file, every row checked."""
+    from grpokit.data.loaders import read_jsonl
+
+    rows = read_jsonl(source)
+    if not rows:
+        raise DataError(f"{source}: the file holds no preference pairs")
+    return [(f"{source}:{row['_line']}", pair_of(row, f"{source}:{row['_line']}")) for row in rows]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from grpokit.data.episodes import atomic_write, check_outputs, write_jsonl
+from grpokit.data.episodes import check_outputs, write_jsonl
+from grpokit.io import atomic_write
 from grpokit.data.loaders import read_jsonl
 from grpokit.errors import DataError
 

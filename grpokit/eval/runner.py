@@ -17,19 +17,8 @@ from typing import Any
 import torch
 
 from grpokit.eval.metrics import bootstrap_interval, distinct_n, pass_at_k, self_bleu
-from grpokit.rewards import RewardSet, trainer_state
-from grpokit.rollout import TorchSampler, encode_prompts
-
-
-def columns_of(rows: list[dict]) -> dict[str, list]:
-    """Dataset columns other than the prompt, as lists aligned with ``rows`` (TRL's kwargs)."""
-    keys = sorted({k for row in rows for k in row if k != "prompt"})
-    return {k: [row.get(k) for row in rows] for k in keys}
-
-
-def as_completions(prompts: list, texts: list[str]) -> list:
-    """TRL's convention: conversational prompts get completions as assistant message lists."""
-    return [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
+from grpokit.rewards import RewardSet, as_completions, columns_of, trainer_state
+from grpokit.rollout import PromptEncoder, build_sampler
 
 
 @dataclass
@@ -50,6 +39,10 @@ class EvalSettings:
     top_k: int = 0
     seed: int = 0
     max_steps: int = 0
+    backend: str = "torch"
+
+    def encoder(self, policy) -> PromptEncoder:
+        return PromptEncoder(policy.processor, self.chat_template, self.system_prompt, self.max_prompt_length)
 
     @classmethod
     def from_recipe(cls, recipe) -> "EvalSettings":
@@ -60,23 +53,22 @@ class EvalSettings:
             max_completion_length=rollout.max_completion_length, batch_size=ev.batch_size,
             num_samples=ev.num_samples, num_generations=ev.num_generations, pass_k=tuple(ev.pass_k),
             temperature=ev.temperature or rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
-            seed=recipe.training.seed, max_steps=recipe.training.max_steps,
+            seed=recipe.training.seed, max_steps=recipe.training.max_steps, backend=rollout.backend,
         )
 
 
 def _generate(policy, rows: list[dict], settings: EvalSettings, k: int,
               greedy: bool) -> tuple[list[str], list[int], list[list[int]]]:
-    """Texts, token lengths and token ids, ``k`` per row in row order (a row's k completions adjacent)."""
-    generator = None if greedy else torch.Generator(policy.device).manual_seed(settings.seed)
-    sampler = TorchSampler(policy, settings.max_completion_length, settings.temperature, settings.top_p,
-                           settings.top_k, generator)
+    """Texts, token lengths and token ids, ``k`` per row in row order (a row's k completions adjacent).
+    The sampler has its own generator seeded from ``settings.seed``: evaluating never moves training's."""
+    sampler = build_sampler(policy, settings.backend, max_new_tokens=settings.max_completion_length,
+                            temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
+                            seed=settings.seed)
+    encoder = settings.encoder(policy)
     prompts_per_batch = max(1, settings.batch_size // k)
     texts, lengths, ids_lists = [], [], []
     for start in range(0, len(rows), prompts_per_batch):
-        batch = rows[start:start + prompts_per_batch]
-        ids, _ = encode_prompts(policy.tokenizer, [r["prompt"] for r in batch], settings.chat_template,
-                                settings.system_prompt, settings.max_prompt_length)
-        out = sampler.generate(ids, num_generations=k, greedy=greedy)
+        out = sampler.generate(encoder(rows[start:start + prompts_per_batch]), num_generations=k, greedy=greedy)
         texts += policy.tokenizer.batch_decode(out.completion_ids_NC, skip_special_tokens=True)
         lengths += out.completion_lengths_N.tolist()
         ids_lists += out.completion_id_lists()

@@ -102,7 +102,7 @@ def run_evaluation(model: str, *, recipe_path: str | None = None, overrides: lis
     from grpokit.data import load_splits
     from grpokit.eval.runner import EvalSettings, evaluate
     from grpokit.rewards import RewardSet
-    from grpokit.train.rundir import write_json
+    from grpokit.io import write_json
 
     target = resolve_target(model)
     recipe = load_eval_recipe(target, recipe_path, list(overrides or []))

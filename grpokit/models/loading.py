@@ -1,4 +1,4 @@
-"""The policy: model + tokenizer + how to get reference log-probabilities.
+"""The policy: model + processor + how to get reference log-probabilities.
 
 Precision: with LoRA, the frozen base is stored in the compute dtype (bf16 halves its
 memory and runs the fast matmuls) while PEFT keeps the small adapters in fp32. With full
@@ -62,13 +62,18 @@ class Policy:
     """What the later stages need of the model, and nothing about how it was built."""
 
     model: Any
-    tokenizer: Any
+    processor: Any  # the tokenizer, or a multimodal processor that holds one (and prepares images)
     device: torch.device
     compute_dtype: torch.dtype
     reference: Any = None  # frozen copy (full fine-tuning with beta > 0); None otherwise
     is_lora: bool = False
     merged: Any = None  # plain copy with the LoRA update merged in, for sampling (or None)
     eos_ids: list[int] = field(default_factory=list)
+
+    @property
+    def tokenizer(self):
+        """The text tokenizer: the processor itself, or the one a multimodal processor holds."""
+        return getattr(self.processor, "tokenizer", self.processor)
 
     def autocast(self):
         """Matmuls in the compute dtype; a no-op for fp32."""
@@ -183,9 +188,10 @@ def merge_adapter(model, adapter: str):
     return PeftModel.from_pretrained(model, directory, use_safetensors=True).merge_and_unload()
 
 
-def wrap_policy(model, tokenizer, model_cfg, beta: float, device: torch.device, merge_lora: bool = False) -> Policy:
+def wrap_policy(model, processor, model_cfg, beta: float, device: torch.device, merge_lora: bool = False) -> Policy:
     """Add LoRA (or keep full fine-tuning), pick the reference, and bundle it all as a Policy."""
     dtype = DTYPES[model_cfg.dtype]
+    tokenizer = getattr(processor, "tokenizer", processor)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     eos = eos_token_ids(tokenizer, model)
@@ -210,7 +216,7 @@ def wrap_policy(model, tokenizer, model_cfg, beta: float, device: torch.device, 
         if beta > 0:
             reference = copy.deepcopy(model).to(dtype=dtype).eval().requires_grad_(False)
     model.config.use_cache = True
-    return Policy(model, tokenizer, device, dtype, reference, model_cfg.lora is not None, merged, eos)
+    return Policy(model, processor, device, dtype, reference, model_cfg.lora is not None, merged, eos)
 
 
 def load_policy(model_cfg, beta: float, merge_lora: bool = False) -> Policy:

@@ -12,12 +12,14 @@ from grpokit.rewards import dialogue as _dialogue  # noqa: F401
 from grpokit.rewards import embedding as _embedding  # noqa: F401
 from grpokit.rewards import maths as _maths  # noqa: F401
 from grpokit.rewards import openr1 as _openr1  # noqa: F401
+from grpokit.rewards import reward_model as _reward_model  # noqa: F401 - light; loads the model on first call
 from grpokit.rewards import text as _text  # noqa: F401
 from grpokit.rewards.orchestrator import RewardOrchestrator, Stage
 from grpokit.rewards.registry import REWARDS, group_reward, register, resolve_reward, thread_safe, verl_reward
-from grpokit.rewards.rewardset import RewardSet, Scores, completion_text, trainer_state
+from grpokit.rewards.rewardset import RewardSet, Scores, as_completions, columns_of, completion_text, trainer_state
 
-__all__ = ["REWARDS", "RewardOrchestrator", "RewardSet", "Scores", "Stage", "completion_text", "group_reward",
+__all__ = ["REWARDS", "RewardOrchestrator", "RewardSet", "Scores", "Stage", "as_completions", "columns_of",
+           "completion_text", "group_reward",
            "register", "resolve_reward", "thread_safe", "trainer_state", "verl_reward"]
 
 
@@ -28,9 +30,3 @@ def build_orchestrator(rewards: RewardSet, shaping) -> RewardOrchestrator:
         curriculum=[Stage(s.step, dict(s.weights)) for s in shaping.curriculum],
         max_consecutive_failures=shaping.max_consecutive_failures,
     )
-
-
-# a trained reward model as a reward: {name: reward_model, args: {path: runs/reward-model}}
-from grpokit.reward_model import reward_model as _reward_model  # noqa: E402 - light; loads the model on first call
-
-register("reward_model")(_reward_model)

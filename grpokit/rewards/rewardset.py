@@ -29,7 +29,18 @@ from grpokit.rewards.orchestrator import RewardOrchestrator
 from grpokit.rewards.placement import ProcessWorker, RewardTimeout, call_in_thread, call_on_main_thread
 
 log = logging.getLogger(__name__)
-__all__ = ["RewardSet", "Scores", "completion_text", "trainer_state"]
+__all__ = ["RewardSet", "Scores", "as_completions", "columns_of", "completion_text", "trainer_state"]
+
+
+def columns_of(rows: list[dict]) -> dict[str, list]:
+    """Dataset columns other than the prompt, as lists aligned with ``rows`` (TRL's kwargs)."""
+    keys = sorted({k for row in rows for k in row if k != "prompt"})
+    return {k: [row.get(k) for row in rows] for k in keys}
+
+
+def as_completions(prompts: list, texts: list[str]) -> list:
+    """TRL's convention: conversational prompts get completions as assistant message lists."""
+    return [[{"role": "assistant", "content": t}] if isinstance(p, list) else t for p, t in zip(prompts, texts)]
 
 
 def trainer_state(step: int, max_steps: int) -> SimpleNamespace:

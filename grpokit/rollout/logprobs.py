@@ -18,6 +18,8 @@ import inspect
 
 import torch
 
+from grpokit.models.parts import backbone_and_head
+
 
 def token_logprobs(logits_NCV: torch.Tensor, ids_NC: torch.Tensor, chunk_rows: int = 8,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -33,12 +35,6 @@ def token_logprobs(logits_NCV: torch.Tensor, ids_NC: torch.Tensor, chunk_rows: i
                 logp_nCV = chunk_nCV - logsumexp_nC[..., None]
                 entropies.append(-(logp_nCV.exp() * logp_nCV).sum(dim=-1))
     return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
-
-
-def backbone_and_head(model):
-    """The transformer body and the output projection of an HF causal LM (PEFT-wrapped or not)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.get_decoder(), base.get_output_embeddings()
 
 
 def head_logits(head, hidden_NCH: torch.Tensor) -> torch.Tensor:

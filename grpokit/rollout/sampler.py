@@ -1,4 +1,4 @@
-"""grpokit's batched sampler: prefill once per prompt, then decode all G samples together.
+"""grpokit's own sampling backend: prefill once per prompt, then decode all G samples together.
 
 Each prompt's KV cache is computed once and repeated G times (a group shares its prompt),
 then one forward per new token serves every sequence. Finished sequences keep producing
@@ -8,72 +8,13 @@ padding (masked out) so shapes stay fixed; decoding stops when all have hit EOS 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 
-from grpokit.rollout.logprobs import backbone_and_head, run_backbone
-
-
-@dataclass
-class Rollouts:
-    """N = B*G sequences; rows ``[i*G, (i+1)*G)`` are prompt i's samples."""
-
-    prompt_ids_NP: torch.Tensor  # [N, P] left-padded
-    prompt_mask_NP: torch.Tensor  # [N, P] 1 on real prompt tokens
-    completion_ids_NC: torch.Tensor  # [N, C] right-padded
-    completion_mask_NC: torch.Tensor  # [N, C] 1 up to and including EOS
-    truncated_N: torch.Tensor  # [N] bool: hit max_new_tokens without EOS
-
-    @property
-    def completion_lengths_N(self) -> torch.Tensor:
-        return self.completion_mask_NC.sum(dim=1)
-
-    def completion_id_lists(self) -> list[list[int]]:
-        """Each completion's generated token ids, padding dropped: TRL's ``completion_ids`` reward argument."""
-        return [ids_C[mask_C.bool()].tolist() for ids_C, mask_C in zip(self.completion_ids_NC, self.completion_mask_NC)]
-
-    def select(self, rows_M: torch.Tensor) -> "Rollouts":
-        """The sequences at ``rows_M``, in that order."""
-        return Rollouts(self.prompt_ids_NP[rows_M], self.prompt_mask_NP[rows_M], self.completion_ids_NC[rows_M],
-                        self.completion_mask_NC[rows_M], self.truncated_N[rows_M])
-
-
-def _pad_to(x_NW: torch.Tensor, width: int, value: int, left: bool) -> torch.Tensor:
-    missing = width - x_NW.size(1)
-    if missing <= 0:
-        return x_NW
-    pad_NM = torch.full((x_NW.size(0), missing), value, dtype=x_NW.dtype, device=x_NW.device)
-    return torch.cat([pad_NM, x_NW] if left else [x_NW, pad_NM], dim=1)
-
-
-def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
-    """Stack rollouts of different widths: prompts re-padded on the left, completions on the right."""
-    P = max(r.prompt_ids_NP.size(1) for r in parts)
-    C = max(r.completion_ids_NC.size(1) for r in parts)
-    return Rollouts(
-        prompt_ids_NP=torch.cat([_pad_to(r.prompt_ids_NP, P, pad_id, left=True) for r in parts]),
-        prompt_mask_NP=torch.cat([_pad_to(r.prompt_mask_NP, P, 0, left=True) for r in parts]),
-        completion_ids_NC=torch.cat([_pad_to(r.completion_ids_NC, C, pad_id, left=False) for r in parts]),
-        completion_mask_NC=torch.cat([_pad_to(r.completion_mask_NC, C, 0, left=False) for r in parts]),
-        truncated_N=torch.cat([r.truncated_N for r in parts]),
-    )
-
-
-class Sampler(Protocol):
-    def generate(self, prompt_ids: list[list[int]], num_generations: int, greedy: bool = False) -> Rollouts: ...
-
-
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad to a ``[B, P]`` id tensor and its mask (decoding appends on the right)."""
-    width = max(len(s) for s in sequences)
-    ids_BP = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask_BP = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids_BP[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask_BP[row, width - len(seq):] = 1
-    return ids_BP, mask_BP
+from grpokit.errors import ModelError
+from grpokit.models.parts import backbone_and_head
+from grpokit.rollout.contract import Rollouts
+from grpokit.rollout.encoding import PromptBatch
+from grpokit.rollout.logprobs import run_backbone
 
 
 def sample_next(logits_NV: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -99,15 +40,35 @@ def sample_next(logits_NV: torch.Tensor, temperature: float, top_k: int, top_p: 
     return torch.searchsorted(cdf_NV, u_N1, right=True).squeeze(1).clamp(max=cdf_NV.size(-1) - 1)  # [N]
 
 
+def chosen_logprobs(logits_NV: torch.Tensor, tokens_N: torch.Tensor) -> torch.Tensor:
+    """log p(token) ``[N]`` (fp32) under the model's own distribution (before temperature, top-k and
+    top-p), which is what the trainer's log-prob pass computes, so the two compare directly."""
+    logits_NV = logits_NV.float()
+    return logits_NV.gather(-1, tokens_N[:, None]).squeeze(-1) - torch.logsumexp(logits_NV, dim=-1)
+
+
 class TorchSampler:
-    """Decode with the policy's own forward and a KV cache; works for any HF causal LM."""
+    """Decode with the policy's own forward and a KV cache; works for any HF causal LM.
+
+    Implements ``rollout.contract.Sampler``; built by ``rollout.build_sampler``."""
 
     def __init__(self, policy, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                 top_k: int = 0, generator: torch.Generator | None = None):
+                 top_k: int = 0, seed: int = 0):
         self.policy = policy
         self.max_new_tokens = max_new_tokens
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
-        self.generator = generator
+        self.generator = torch.Generator(policy.device).manual_seed(seed)
+
+    def sync_weights(self, policy) -> None:
+        """It samples from the policy's own modules; only a merged sampling copy needs refreshing."""
+        policy.sync_merged()
+
+    def state(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state(self, state) -> None:
+        # checkpoints before the Sampler contract stored the generator's state tensor alone
+        self.generator.set_state(state if isinstance(state, torch.Tensor) else state["generator"])
 
     def _forward(self, **inputs):
         """Logits of the last position ``[N, V]`` and the updated KV cache."""
@@ -116,12 +77,14 @@ class TorchSampler:
         return head(hidden_NLH[:, -1, :]), cache
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], num_generations: int, greedy: bool = False) -> Rollouts:
+    def generate(self, batch: PromptBatch, num_generations: int, greedy: bool = False) -> Rollouts:
+        if batch.multimodal:
+            raise ModelError(f"the torch sampler decodes text only; this batch carries {sorted(batch.multimodal)} "
+                             "(images reach the model once vision-language models are supported)")
         policy, G = self.policy, num_generations
         pad_id = policy.tokenizer.pad_token_id
         device = policy.device
-        ids_BP, mask_BP = left_pad(prompt_ids, pad_id)
-        ids_BP, mask_BP = ids_BP.to(device), mask_BP.to(device)
+        ids_BP, mask_BP = batch.input_ids_BP.to(device), batch.attention_mask_BP.to(device)
         pos_BP = (mask_BP.cumsum(dim=1) - 1).clamp(min=0)
         model = policy.sampling_model
         was_training = model.training
@@ -137,7 +100,7 @@ class TorchSampler:
             N = logits_NV.size(0)
             eos_E = torch.tensor(policy.eos_ids, device=device)
             finished_N = torch.zeros(N, dtype=torch.bool, device=device)
-            tokens = []
+            tokens, logprobs = [], []
             for _ in range(self.max_new_tokens):
                 if greedy:
                     next_N = logits_NV.argmax(dim=-1)
@@ -145,6 +108,7 @@ class TorchSampler:
                     next_N = sample_next(logits_NV, self.temperature, self.top_k, self.top_p, self.generator)
                 next_N = torch.where(finished_N, torch.full_like(next_N, pad_id), next_N)
                 tokens.append(next_N)
+                logprobs.append(chosen_logprobs(logits_NV, next_N))
                 finished_N = finished_N | torch.isin(next_N, eos_E)
                 if bool(finished_N.all()) or len(tokens) == self.max_new_tokens:
                     break
@@ -164,4 +128,6 @@ class TorchSampler:
             completion_ids_NC=completion_NC,
             completion_mask_NC=completion_mask_NC,
             truncated_N=~is_eos_NC.any(dim=1),
+            loss_mask_NC=completion_mask_NC.clone(),  # one turn: every kept token is the policy's own
+            sampling_logprobs_NC=torch.stack(logprobs, dim=1) * completion_mask_NC,
         )

@@ -17,9 +17,9 @@ import torch
 
 from grpokit.algo import group_advantages, overlong_penalty, zero_spread_groups
 from grpokit.algo.replay import groups_from_batch, replay_count
-from grpokit.eval.runner import as_completions, columns_of
-from grpokit.rewards import trainer_state
-from grpokit.rollout import Rollouts, concat_rollouts, encode_prompts
+from grpokit.rewards import as_completions, columns_of, trainer_state
+from grpokit.rollout import Rollouts, concat_rollouts
+from grpokit.train.run import Run, next_prompts
 
 
 @dataclass
@@ -45,17 +45,14 @@ class Batch:
     metrics: dict[str, float]
 
 
-def sample_round(run, rows: list[dict], step: int) -> Round:
+def sample_round(run: Run, rows: list[dict], step: int) -> Round:
     """Generate G completions per row and score them."""
-    data, rollout = run.recipe.data, run.recipe.rollout
-    ids, _ = encode_prompts(run.policy.tokenizer, [r["prompt"] for r in rows], data.chat_template,
-                            data.system_prompt, rollout.max_prompt_length)
-    rollouts = run.sampler.generate(ids, rollout.num_generations)
+    rollouts = run.sampler.generate(run.encoder(rows), run.recipe.rollout.num_generations)
     texts = run.policy.tokenizer.batch_decode(rollouts.completion_ids_NC, skip_special_tokens=True)
     return Round(rows, rollouts, texts, *score(run, rows, texts, rollouts, step))
 
 
-def score(run, rows: list[dict], texts: list[str], rollouts: Rollouts, step: int):
+def score(run: Run, rows: list[dict], texts: list[str], rollouts: Rollouts, step: int):
     """Rewards for the G completions of each row (the row's columns repeated G times):
     ``(total_N, raw parts, latency per component, orchestrator metrics, log_extra columns)``."""
     G, algo = run.recipe.rollout.num_generations, run.recipe.algorithm
@@ -82,7 +79,7 @@ def _take_groups(rnd: Round, groups: list[int], G: int) -> tuple[list[dict], Rol
     return [rnd.rows[g] for g in groups], rnd.rollouts.select(rows_M), rnd.rewards_N[rows_M]
 
 
-def collect_batch(run, step: int, next_prompts) -> Batch:
+def collect_batch(run: Run, step: int, next_prompts=next_prompts) -> Batch:
     """Sample until the step has its groups, then compute advantages and mix in replay."""
     algo, G, P = run.recipe.algorithm, run.recipe.rollout.num_generations, run.recipe.training.prompts_per_step
     n_replay = min(replay_count(P, algo.replay.ratio), len(run.replay)) if run.replay is not None else 0
@@ -113,17 +110,18 @@ def collect_batch(run, step: int, next_prompts) -> Batch:
     return Batch(rows, rollouts, advantages_N, rounds, metrics)
 
 
-def mix_replay(run, step, n_replay, rows, rollouts, advantages_N, rewards_N):
+def mix_replay(run: Run, step, n_replay, rows, rollouts, advantages_N, rewards_N):
     """Append ``n_replay`` buffered groups, then store this step's fresh groups in the buffer."""
     G = run.recipe.rollout.num_generations
     replayed = run.replay.sample(n_replay, run.rng) if n_replay else []
     fresh = groups_from_batch(rollouts.prompt_ids_NP, rollouts.prompt_mask_NP, rollouts.completion_ids_NC,
-                              rollouts.completion_mask_NC, rollouts.truncated_N, rewards_N, advantages_N, rows, G, step)
+                              rollouts.completion_mask_NC, rollouts.truncated_N, rewards_N, advantages_N, rows, G, step,
+                              loss_mask_NC=rollouts.loss_mask_NC, sampling_logprobs_NC=rollouts.sampling_logprobs_NC)
     run.replay.add(fresh)
     if not replayed:
         return rows, rollouts, advantages_N
-    old = [Rollouts(g.prompt_ids_GP, g.prompt_mask_GP, g.completion_ids_GC, g.completion_mask_GC, g.truncated_G)
-           for g in replayed]
+    old = [Rollouts(g.prompt_ids_GP, g.prompt_mask_GP, g.completion_ids_GC, g.completion_mask_GC, g.truncated_G,
+                    g.loss_mask_GC, g.sampling_logprobs_GC) for g in replayed]
     pad_id = run.policy.tokenizer.pad_token_id
     rollouts = concat_rollouts([rollouts, *old], pad_id)
     advantages_N = torch.cat([advantages_N, *[g.advantages_G for g in replayed]])

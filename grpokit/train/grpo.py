@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
 from typing import Any, Callable
@@ -25,19 +23,17 @@ from typing import Any, Callable
 import torch
 
 from grpokit import __version__
-from grpokit.algo.replay import ReplayBuffer
 from grpokit.config import Recipe, dump_recipe
-from grpokit.data import load_splits
-from grpokit.errors import DataError, TrainingError
+from grpokit.errors import TrainingError
 from grpokit.eval import EvalSettings, evaluate, metrics_line
-from grpokit.log import RunLogger, check_trackers
-from grpokit.models import Policy, load_policy, save_checkpoint
+from grpokit.io import write_json, write_text
+from grpokit.log import RunLogger
+from grpokit.models import save_checkpoint
 from grpokit.models.checkpoint import STATE_FILE, load_trained_weights, publish_checkpoint
-from grpokit.rewards import RewardOrchestrator, RewardSet, build_orchestrator
-from grpokit.rollout import Rollouts, TorchSampler, encode_prompts
+from grpokit.rollout import Rollouts
 from grpokit.train.batch import Batch, collect_batch, sample_round
-from grpokit.train.rundir import (RunLock, check_run_dir, check_writable, find_resume_checkpoint, now_iso,
-                                  prepare_run_dir, write_json, write_text)
+from grpokit.train.run import Run, setup
+from grpokit.train.rundir import RunLock, check_run_dir, check_writable, find_resume_checkpoint, now_iso, prepare_run_dir
 from grpokit.train.schedule import build_optimizer
 from grpokit.train.signals import GracefulStop
 from grpokit.train.state import capture, restore
@@ -45,75 +41,6 @@ from grpokit.train.update import policy_update
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, dict[str, Any]], None]
-
-
-@dataclass
-class Run:
-    """Everything the loop's named steps share; built once by ``setup``."""
-
-    recipe: Recipe
-    policy: Policy
-    rewards: RewardSet
-    sampler: TorchSampler
-    train_rows: list[dict]
-    eval_rows: list[dict]
-    rng: random.Random
-    order: list[int]
-    orchestrator: RewardOrchestrator
-    replay: ReplayBuffer | None = None
-    cursor: int = 0
-    consecutive_skips: int = 0
-    skipped_updates: int = 0
-
-
-def setup(recipe: Recipe) -> Run:
-    """Seed, load data, model and rewards: everything before the first step."""
-    training = recipe.training
-    if training.num_threads:
-        torch.set_num_threads(training.num_threads)
-    torch.manual_seed(training.seed)
-    train_rows, eval_rows = load_splits(recipe.data)
-    rewards = RewardSet.from_recipe(recipe)  # before the model: a bad reward fails in a second
-    check_trackers(recipe.logging)
-    policy = load_policy(recipe.model, recipe.algorithm.beta, recipe.rollout.merge_lora)
-    rollout = recipe.rollout
-    check_prompt_lengths(policy.tokenizer, train_rows + eval_rows, recipe)
-    generator = torch.Generator(policy.device).manual_seed(training.seed)
-    sampler = TorchSampler(policy, rollout.max_completion_length, rollout.temperature, rollout.top_p, rollout.top_k, generator)
-    rng = random.Random(training.seed)
-    order = list(range(len(train_rows)))
-    rng.shuffle(order)
-    replay = ReplayBuffer(recipe.algorithm.replay.capacity) if recipe.algorithm.replay.capacity else None
-    orchestrator = build_orchestrator(rewards, recipe.reward_shaping)
-    return Run(recipe, policy, rewards, sampler, train_rows, eval_rows, rng, order, orchestrator, replay)
-
-
-def check_prompt_lengths(tokenizer, rows: list[dict], recipe: Recipe) -> None:
-    """Count prompts over rollout.max_prompt_length once, up front: log them, or refuse the data."""
-    data, limit = recipe.data, recipe.rollout.max_prompt_length
-    ids, _ = encode_prompts(tokenizer, [r["prompt"] for r in rows], data.chat_template, data.system_prompt, 10**9)
-    over = [i for i, seq in enumerate(ids) if len(seq) > limit]
-    if not over:
-        return
-    first = rows[over[0]]["prompt"]
-    text = first if isinstance(first, str) else first[-1].get("content", "")
-    what = (f"{len(over)} of {len(rows)} prompts of {data.source} are longer than rollout.max_prompt_length = {limit} "
-            f"tokens (the first: {len(ids[over[0]])} tokens, {text[:60]!r})")
-    if recipe.rollout.prompt_overflow == "error":
-        raise DataError(f"{what}; raise rollout.max_prompt_length or set rollout.prompt_overflow: truncate")
-    log.warning("%s; they are cut from the left, keeping the end of each prompt", what)
-
-
-def next_prompts(run: Run, count: int) -> list[dict]:
-    """The next P rows of a shuffled pass over the training set (reshuffled each epoch)."""
-    rows = []
-    while len(rows) < count:
-        if run.cursor == len(run.order):
-            run.rng.shuffle(run.order)
-            run.cursor = 0
-        rows.append(run.train_rows[run.order[run.cursor]])
-        run.cursor += 1
-    return rows
 
 
 def reward_metrics(rounds: list) -> dict[str, float]:
@@ -250,7 +177,7 @@ def run_step(run: Run, optimizer, scheduler, step: int, logger: RunLogger, progr
     """One GRPO step: sample and score a batch, take the update, log its metrics (and samples)."""
     recipe = run.recipe
     t0 = time.perf_counter()
-    batch = collect_batch(run, step, next_prompts)
+    batch = collect_batch(run, step)
     t_generate = time.perf_counter() - t0
     metrics = policy_update(run, optimizer, scheduler, batch.rollouts, batch.advantages_N)
     count_skips(run, metrics, step)

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from grpokit.errors import RunDirError
-from grpokit.io import replace_file
+
 
 log = logging.getLogger(__name__)
 LOCK_FILE = ".lock"
@@ -218,19 +218,6 @@ def _read_holder(fd: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- files
-
-
-def write_text(path: Path, text: str) -> None:
-    """Replace ``path`` atomically: a new file beside it (``O_EXCL``: never an existing file or a
-    link), fsynced, then renamed over it; a reader never sees half a file, and a link at ``path``
-    is replaced, never written through."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    replace_file(path, text.encode("utf-8"))
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write a JSON file by atomic replace (``write_text``)."""
-    write_text(path, json.dumps(payload, indent=2, ensure_ascii=False))
 
 
 def now_iso() -> str:

@@ -2,7 +2,7 @@
 
 A run's future depends on: the optimiser moments and schedule position, where the data
 pass stands (the shuffled order and the cursor), every random stream (the data shuffler,
-the sampler's generator, Python's, NumPy's and torch's global generators), the reward
+the sampler's state, Python's, NumPy's and torch's global generators), the reward
 orchestrator's running statistics, the replay buffer and the count of skipped updates.
 ``capture`` turns that into JSON (small, human-readable) plus torch state files (tensors,
 loaded back with ``weights_only=True``); ``restore`` puts it back.
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from grpokit.models.checkpoint import load_torch_state
+from grpokit.train.run import Run
 
 
 def _numpy_state() -> dict[str, Any]:
@@ -31,25 +32,25 @@ def _set_numpy_state(state: dict[str, Any]) -> None:
                          state["has_gauss"], state["cached"]))
 
 
-def rng_state(run) -> dict[str, Any]:
+def rng_state(run: Run) -> dict[str, Any]:
     state = {"python": random.getstate(), "data": run.rng.getstate(), "numpy": _numpy_state(),
-             "torch": torch.get_rng_state(), "sampler": run.sampler.generator.get_state()}
+             "torch": torch.get_rng_state(), "sampler": run.sampler.state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(run, state: dict[str, Any]) -> None:
+def set_rng_state(run: Run, state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     run.rng.setstate(state["data"])
     _set_numpy_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    run.sampler.generator.set_state(state["sampler"])
+    run.sampler.load_state(state["sampler"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def capture(run, optimizer, scheduler, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+def capture(run: Run, optimizer, scheduler, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(json_state, torch_state)`` for a checkpoint after ``step``."""
     json_state = {
         "step": step,
@@ -64,7 +65,7 @@ def capture(run, optimizer, scheduler, step: int) -> tuple[dict[str, Any], dict[
     return json_state, torch_state
 
 
-def restore(run, optimizer, scheduler, directory: Path, json_state: dict[str, Any]) -> int:
+def restore(run: Run, optimizer, scheduler, directory: Path, json_state: dict[str, Any]) -> int:
     """Load the state a checkpoint recorded into a freshly set-up run; return its step."""
     from grpokit.errors import RunDirError
 

@@ -31,7 +31,8 @@ from grpokit import __version__
 from grpokit.config import SupervisedTrainingConfig, dump_recipe
 from grpokit.errors import DataError, TrainingError
 from grpokit.log import JsonlSink
-from grpokit.train.rundir import RunLock, check_run_dir, now_iso, prepare_run_dir, write_json
+from grpokit.io import write_json, write_text
+from grpokit.train.rundir import RunLock, check_run_dir, now_iso, prepare_run_dir
 from grpokit.train.schedule import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -215,7 +216,7 @@ def _run_stage(recipe, kind: str, setup: Callable[[], SupervisedJob], overwrite:
     torch.manual_seed(training.seed)
     job = setup()
     run_dir = prepare_run_dir(training.output_dir, overwrite)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
     info = {"status": "running", "kind": kind, "started": now_iso(), "steps": 0, "model": recipe.model.path,
             "train_rows": len(job.train_examples), "trainable_parameters": sum(p.numel() for p in job.params),
             **job.info, "grpokit_version": __version__}

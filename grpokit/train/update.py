@@ -16,6 +16,7 @@ import torch
 from grpokit.algo import BatchNorms, high_entropy_mask, policy_loss
 from grpokit.errors import TrainingError
 from grpokit.rollout import Rollouts, completion_logprobs
+from grpokit.train.run import Run
 
 METRIC_KEYS = ("loss", "kl", "clip_frac", "clip_frac_low", "clip_frac_high", "entropy")
 
@@ -24,14 +25,15 @@ METRIC_KEYS = ("loss", "kl", "clip_frac", "clip_frac_low", "clip_frac_high", "en
 class MicroBatch:
     rows_n: torch.Tensor  # [n] indices into the generation batch
     inputs: tuple  # prompt ids/mask, completion ids/mask, trimmed to the longest completion
-    mask_nC: torch.Tensor  # [n, C] tokens that count (truncated completions zeroed if asked)
+    mask_nC: torch.Tensor  # [n, C] tokens in the loss: the policy's own (truncated completions zeroed if asked)
     group_size: int  # G when the micro-batch holds whole groups (prompt computed once per group), else 1
     ref_logp_nC: torch.Tensor | None = None
     old_logp_nC: torch.Tensor | None = None
 
 
 def split_micro_batches(rollouts: Rollouts, grad_accum: int, mask_truncated: bool, G: int) -> list[MicroBatch]:
-    mask_NC = rollouts.completion_mask_NC
+    # the loss sees only tokens the policy generated; attention sees the whole completion
+    mask_NC = rollouts.loss_mask_NC
     if mask_truncated:
         mask_NC = mask_NC * (~rollouts.truncated_N).long()[:, None]
     batches = []
@@ -67,7 +69,7 @@ def check_finite_weights(parameters) -> None:
                             "intact. Lower training.learning_rate or check training.weight_decay, then resume")
 
 
-def policy_update(run, optimizer, scheduler, rollouts: Rollouts, advantages_N: torch.Tensor) -> dict[str, float]:
+def policy_update(run: Run, optimizer, scheduler, rollouts: Rollouts, advantages_N: torch.Tensor) -> dict[str, float]:
     """mu optimiser steps over the generation batch; metrics averaged over them.
 
     Each micro-batch's loss is its share of the full-batch loss (``BatchNorms``), so the
@@ -114,5 +116,5 @@ def policy_update(run, optimizer, scheduler, rollouts: Rollouts, advantages_N: t
         else:  # one NaN step would poison the weights and AdamW's moments for good
             totals["skipped_update"] = 1.0
         optimizer.zero_grad(set_to_none=True)
-    policy.sync_merged()  # the next rollout samples from the updated weights
+    run.sampler.sync_weights(policy)  # the next rollout samples from the updated weights
     return totals

@@ -122,7 +122,7 @@ def check_meta(out: Path, meta: dict[str, Any]) -> bool:
 def written_rows(out: Path, rows: list[dict]) -> tuple[set[int], int]:
     """Indices already in ``out``, each line's prompt checked against the data; a torn last
     line (a write cut short) is cut away atomically. Returns the indices and the bytes cut."""
-    from grpokit.data.episodes import atomic_write
+    from grpokit.io import atomic_write
 
     if not out.is_file():
         return set(), 0
@@ -147,20 +147,17 @@ def written_rows(out: Path, rows: list[dict]) -> tuple[set[int], int]:
     return done, len(content) - len(whole)
 
 
-def sample_block(policy, prompt_ids: list[list[int]], settings, k: int, seed: int) -> list[tuple[list[str], list[int]]]:
-    """``k`` completions of each prompt of a block, decoded together from one seeded generator:
-    ``(texts, token lengths)`` per prompt."""
-    import torch
+def sample_block(policy, batch, settings, k: int, seed: int) -> list[tuple[list[str], list[int]]]:
+    """``k`` completions of each prompt of a block (a PromptBatch), decoded together from one seeded
+    sampler: ``(texts, token lengths)`` per prompt."""
+    from grpokit.rollout import build_sampler
 
-    from grpokit.rollout import TorchSampler
-
-    generator = torch.Generator(policy.device).manual_seed(seed)
-    sampler = TorchSampler(policy, settings.max_completion_length, settings.temperature, settings.top_p,
-                           settings.top_k, generator)
-    out = sampler.generate(prompt_ids, num_generations=k)
+    sampler = build_sampler(policy, settings.backend, max_new_tokens=settings.max_completion_length,
+                            temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, seed=seed)
+    out = sampler.generate(batch, num_generations=k)
     texts = policy.tokenizer.batch_decode(out.completion_ids_NC, skip_special_tokens=True)
     lengths = out.completion_lengths_N.tolist()
-    return [(texts[i * k:(i + 1) * k], lengths[i * k:(i + 1) * k]) for i in range(len(prompt_ids))]
+    return [(texts[i * k:(i + 1) * k], lengths[i * k:(i + 1) * k]) for i in range(len(batch))]
 
 
 def score_row(rewards, row: dict, texts: list[str]) -> dict[str, list]:
@@ -168,7 +165,7 @@ def score_row(rewards, row: dict, texts: list[str]) -> dict[str, list]:
 
     One row at a time for the same reason as decoding: a batched reward (an embedding
     model) must not make a row's values depend on its neighbours."""
-    from grpokit.eval.runner import as_completions, columns_of
+    from grpokit.rewards import as_completions, columns_of
 
     prompts = [row["prompt"]] * len(texts)
     total_N, parts = rewards(prompts, as_completions(prompts, texts), columns_of([row] * len(texts)),
@@ -200,8 +197,7 @@ def generate_file(model: str, out: str | Path, num_generations: int, *, recipe_p
     """Write (or complete) ``out``: one line per row with ``num_generations`` completions."""
     from grpokit.eval.runner import EvalSettings
     from grpokit.eval.standalone import cli_overrides, load_eval_recipe, resolve_target
-    from grpokit.rollout import encode_prompts
-    from grpokit.train.rundir import write_json
+    from grpokit.io import write_json
 
     _check_arguments(num_generations, limit, batch_size)
     out, k = Path(out), num_generations
@@ -227,13 +223,13 @@ def generate_file(model: str, out: str | Path, num_generations: int, *, recipe_p
         write_json(meta_path(out), meta)
         out.write_bytes(b"")  # a file without its sidecar's job must not be appended to
     policy, reward_set = _load(target, recipe, rewards)
+    encoder = settings.encoder(policy)
     try:
         with out.open("ab") as handle:
             for start in sorted({i - i % batch_size for i in todo}):
                 block = all_rows[start:start + batch_size]  # whole blocks of the split, whatever --limit says
-                ids, truncated = encode_prompts(policy.tokenizer, [row["prompt"] for row in block], settings.chat_template,
-                                                settings.system_prompt, settings.max_prompt_length)
-                sampled = sample_block(policy, ids, settings, k, row_seed(settings.seed, start))
+                batch = encoder(block)
+                sampled = sample_block(policy, batch, settings, k, row_seed(settings.seed, start))
                 wanted = [i for i in range(start, start + len(block)) if i in todo_set]
                 lines = []
                 for index in wanted:
@@ -244,7 +240,7 @@ def generate_file(model: str, out: str | Path, num_generations: int, *, recipe_p
                 handle.flush()
                 os.fsync(handle.fileno())  # a kill now loses at most the next block
                 result.generated += len(wanted)
-                result.truncated_prompts += truncated
+                result.truncated_prompts += batch.truncated
                 if progress:
                     progress(result.skipped + result.generated, result.total)
     finally:

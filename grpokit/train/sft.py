@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grpokit.data.chat import as_chat, check_messages, render_chat, with_system
 from grpokit.errors import DataError, RecipeError
 
 log = logging.getLogger(__name__)
@@ -42,38 +43,10 @@ CE_CHUNK_ROWS = 1024  # label positions whose logits exist at once (x vocab x 4 
 # ---------------------------------------------------------------------------- data
 
 
-def check_chat(value: Any, where: str, name: str) -> list[dict]:
-    """A non-empty list of chat messages, each with a string ``role`` and ``content``."""
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: {name!r} must be a non-empty list of chat messages, got {value!r:.60}")
-    for index, message in enumerate(value):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
-            raise DataError(f"{where}: {name}[{index}] is not a chat message; each needs a string 'role' and a "
-                            f"string 'content' (e.g. {{\"role\": \"assistant\", \"content\": \"...\"}}), "
-                            f"got {message!r:.60}")
-    return value
-
-
-def as_chat(value: Any, role: str, where: str, name: str) -> list[dict]:
-    """A string as one message of ``role``; a message list checked and copied."""
-    if isinstance(value, str):
-        return [{"role": role, "content": value}]
-    if not isinstance(value, list):
-        raise DataError(f"{where}: {name!r} must be a string or a list of chat messages, got {value!r:.60}")
-    return list(check_chat(value, where, name))
-
-
-def with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    if system_prompt and not any(m["role"] == "system" for m in messages):
-        return [{"role": "system", "content": system_prompt}, *messages]
-    return messages
-
-
 def conversation_of(row: dict, messages_field: str, where: str) -> list[dict]:
     """One row as a conversation: its ``messages_field`` list, or prompt + completion."""
     if messages_field in row:
-        messages = list(check_chat(row[messages_field], where, messages_field))
+        messages = list(check_messages(row[messages_field], where, messages_field))
     elif "prompt" in row and "completion" in row:
         messages = as_chat(row["prompt"], "user", where, "prompt") + as_chat(row["completion"], "assistant", where,
                                                                                "completion")
@@ -114,14 +87,6 @@ class SftExample:
         return sum(self.labels[1:])  # the first token has nothing before it to predict it
 
 
-def _render(tokenizer, messages: list[dict], where: str, generation_prompt: bool = False) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except Exception as exc:  # jinja raises its own errors (e.g. a template that requires alternating roles)
-        raise DataError(f"{where}: the tokenizer's chat template failed on this conversation "
-                        f"({type(exc).__name__}: {exc})") from None
-
-
 def encode_conversation(tokenizer, messages: list[dict], end_ids: list[int], where: str = "<sample>"
                         ) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation and, per token, whether it is an assistant token.
@@ -144,8 +109,8 @@ def encode_conversation(tokenizer, messages: list[dict], end_ids: list[int], whe
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = _render(tokenizer, messages[:i], where, generation_prompt=True)
-        after = _render(tokenizer, messages[:i + 1], where)
+        before = render_chat(tokenizer, messages[:i], where, generation_prompt=True)
+        after = render_chat(tokenizer, messages[:i + 1], where)
         if not (before.startswith(done) and after.startswith(before)):
             raise DataError(f"{where}: the chat template does not render this conversation turn by turn (the "
                             f"text up to assistant turn {i} is not a prefix of the text after it), so the "
@@ -190,16 +155,6 @@ def encode_examples(tokenizer, conversations: list[tuple[str, list[dict]]], max_
     return examples, cut
 
 
-def pad_right(sequences: list[list], pad: Any):
-    """Rows padded on the right to the longest: ``(values [N, L], attention mask [N, L])``."""
-    import torch
-
-    width = max(len(s) for s in sequences)
-    values = torch.tensor([list(s) + [pad] * (width - len(s)) for s in sequences])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
-    return values, mask
-
-
 # ---------------------------------------------------------------------------- loss
 
 
@@ -209,7 +164,8 @@ def token_cross_entropy(policy, examples: list[SftExample]):
     import torch
     import torch.nn.functional as F
 
-    from grpokit.rollout.logprobs import backbone_and_head
+    from grpokit.models.padding import pad_right
+    from grpokit.models.parts import backbone_and_head
 
     backbone, head = backbone_and_head(policy.model)
     pad = policy.tokenizer.pad_token_id
