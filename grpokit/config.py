@@ -294,7 +294,7 @@ class RewardShapingConfig(Section):
     curriculum: list[CurriculumStage] = Field(default_factory=list)
     """Weight changes at given steps, e.g. [{step: 1000, weights: {accuracy: 0.7, format: 0.3}}]."""
     max_consecutive_failures: int = Field(3, ge=1)
-    """A reward failing on this many consecutive steps stops the run."""
+    """A reward failing on this many consecutive sampling rounds (one per step, more with dynamic sampling) stops the run."""
 
 
 class TrainingConfig(Section):

@@ -134,6 +134,6 @@ def test_consecutive_failures_stop_the_run_naming_the_reward():
     orch.record_failures({})  # a success resets the count
     orch.record_failures({"a": "ValueError: x"})
     orch.record_failures({"a": "ValueError: x"})
-    with pytest.raises(RewardError, match="reward 'a' failed on 3 consecutive steps; last error: ValueError: x"):
+    with pytest.raises(RewardError, match="reward 'a' failed on 3 consecutive sampling rounds; last error: ValueError: x"):
         orch.record_failures({"a": "ValueError: x"})
     assert orch.state_dict()["failures"] == {"a": 3, "b": 0}

@@ -9,8 +9,9 @@ For each step the orchestrator:
    [0, 100] and one in [0, 1] contribute on the same scale;
 3. sums ``weight * value`` over the components that apply (missing values count as 0,
    as TRL's nansum) and clips the total to ``clip`` (default [-10, 10]);
-4. counts consecutive steps on which a component failed on every call and stops the
-   run with a clear error after ``max_consecutive_failures``.
+4. counts consecutive sampling rounds (a step has one, or up to 1 + max_sampling_rounds
+   with dynamic sampling) on which a component failed, and stops the run with a clear
+   error after ``max_consecutive_failures``.
 
 Its state (running statistics, failure counts) is part of a checkpoint.
 """
@@ -114,12 +115,12 @@ class RewardOrchestrator:
         return total_N.clamp(*self.clip), metrics
 
     def record_failures(self, errors: dict[str, str]) -> None:
-        """Count steps on which a component failed; too many in a row stop the run."""
+        """Count sampling rounds on which a component failed; too many in a row stop the run."""
         for name in self.names:
             self.failures[name] = self.failures[name] + 1 if name in errors else 0
             if self.failures[name] >= self.max_failures:
-                raise RewardError(f"reward {name!r} failed on {self.failures[name]} consecutive steps; last error: "
-                                  f"{errors[name]}. Fix the reward function or remove it from the recipe.")
+                raise RewardError(f"reward {name!r} failed on {self.failures[name]} consecutive sampling rounds; "
+                                  f"last error: {errors[name]}. Fix the reward function or remove it from the recipe.")
 
     def state_dict(self) -> dict:
         return {"stats": {k: s.state_dict() for k, s in self.stats.items()}, "failures": dict(self.failures)}

@@ -48,7 +48,9 @@ def reward_metrics(rounds: list) -> dict[str, float]:
     step, the orchestrator's metrics of the first round, and each component's latency."""
     total_N = torch.cat([r.rewards_N for r in rounds])
     parts = {name: [v for r in rounds for v in r.parts[name]] for name in rounds[0].parts}
-    latency = {f"reward_time_s/{name}": sum(r.latency_s.get(name, 0.0) for r in rounds) for name in parts}
+    # only components that were called have a latency (the overlong penalty is the trainer's own arithmetic)
+    latency = {f"reward_time_s/{name}": sum(r.latency_s.get(name, 0.0) for r in rounds)
+               for name in parts if name in rounds[0].latency_s}
     metrics = {"reward": total_N.mean().item(), "reward_std": total_N.std().item() if total_N.numel() > 1 else 0.0}
     for name, values in parts.items():
         applicable = torch.tensor([v for v in values if v is not None])
