@@ -1,28 +1,39 @@
-"""Loading rows from a recipe's ``data`` section: built-in tasks, JSONL files, GSM8K.
+"""Loading rows from a recipe's ``data`` section: built-in tasks, GSM8K, data files, weighted mixes.
 
-Every error names the file and line, and what to change.
+Every error names the file and line (or row), and what to change. Every row carries the name
+of its source in ``data_source`` (verl's column), unless the data has that column already.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
 from typing import Any
 
+from grpokit.config import source_name
+from grpokit.data.sources import FORMATS, read_saved, read_table
 from grpokit.data.tasks import make_task
 from grpokit.errors import DataError
 from grpokit.jsonio import JsonLineError, read_jsonl_lines
 
 DEFAULT_TASK_SIZE = 2000
+JSON_SUFFIXES = (".jsonl", ".json")
+TABLE_SUFFIXES = (".csv", ".parquet")
 
 
 def read_json_lines(path: str | Path, what: str = "data file") -> list[tuple[int, dict]]:
-    """``(line, object)`` pairs of a JSON-lines file; every failure is a DataError naming file:line."""
+    """``(line, object)`` pairs of a JSON-lines file, or for a ``.json`` file whose first non-blank
+    character is ``[``, of a JSON array of objects (the line each element starts on); every failure is
+    a DataError naming file:line."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: {what} not found")
+        raise DataError(f"{path}: {what} not found (relative paths are read from the working directory, "
+                        "else from the recipe's folder)")
     try:
+        if path.suffix.lower() == ".json" and _first_char(path) == "[":
+            return _read_json_array(path)
         return read_jsonl_lines(path)
     except JsonLineError as exc:
         raise DataError(str(exc)) from None
@@ -37,8 +48,66 @@ def read_json_lines(path: str | Path, what: str = "data file") -> list[tuple[int
                         "whole: use a smaller file (data.train_size also limits the rows used)") from None
 
 
+def _first_char(path: Path) -> str:
+    """The first character that is not JSON whitespace (after a UTF-8 byte-order mark), or ''."""
+    with path.open("rb") as file:
+        head = file.read(3).removeprefix(b"\xef\xbb\xbf")
+        while True:
+            head = head.lstrip(b" \t\r\n")
+            if head:
+                return chr(head[0])
+            head = file.read(4096)
+            if not head:
+                return ""
+
+
+def _read_json_array(path: Path) -> list[tuple[int, dict]]:
+    """A JSON array of objects, element by element, so a bad element is named by the line it starts on."""
+    text = path.read_bytes().decode("utf-8").removeprefix("\ufeff")
+    decoder, rows = json.JSONDecoder(), []
+    pos = _skip_space(text, text.index("[") + 1)
+    line, counted = 1, 0  # the line of `pos`, counted incrementally (a recount per element is quadratic)
+    if text.startswith("]", pos):
+        pos = _skip_space(text, pos + 1)
+    else:
+        while True:
+            line, counted = line + text.count("\n", counted, pos), pos
+            try:
+                value, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as exc:
+                raise JsonLineError(path, exc.lineno, f"not a valid JSON array ({exc.msg}, column {exc.colno}); "
+                                                      "fix the file, or write one JSON object per line") from None
+            except RecursionError:
+                raise JsonLineError(path, line, "not valid JSON (nested too deeply)") from None
+            except ValueError as exc:  # e.g. an integer of over 4300 digits
+                raise JsonLineError(path, line, f"not valid JSON ({exc})") from None
+            if not isinstance(value, dict):
+                raise JsonLineError(path, line, f"element {len(rows) + 1} of the array is a {type(value).__name__}; "
+                                                "each row must be a JSON object such as {\"prompt\": \"...\"}")
+            rows.append((line, value))
+            pos = _skip_space(text, end)
+            if text.startswith(",", pos):
+                pos = _skip_space(text, pos + 1)
+                continue
+            if text.startswith("]", pos):
+                pos = _skip_space(text, pos + 1)
+                break
+            raise JsonLineError(path, line + text.count("\n", counted, pos), "not a valid JSON array (expected ',' or ']' after an element"
+                                          f"{', got the end of the file' if pos >= len(text) else ''}); fix the file")
+    if pos < len(text):
+        raise JsonLineError(path, text.count("\n", 0, pos) + 1, "not a valid JSON array (text after the closing ']')")
+    return rows
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSON-lines file; each row remembers its line (``_line``) for later errors."""
+    """Read a JSON-lines file (or a ``.json`` JSON array of objects); each row remembers its line
+    (``_line``) for later errors."""
     return [{**row, "_line": lineno} for lineno, row in read_json_lines(path)]
 
 
@@ -57,7 +126,8 @@ def _normalise(rows: list[dict], source: str, prompt_field: str, answer_field: s
     the original name, so open-r1's ``solution`` reaches functions that ask for it); check every prompt."""
     out = []
     for index, row in enumerate(rows):
-        where = f"{source}:{row.pop('_line', index + 1)}"
+        # JSON rows know their line; a table's rows are counted from 1 after the header
+        where = f"{source}:{row.pop('_line')}" if "_line" in row else f"{source}: row {index + 1}"
         prompt = row.get(prompt_field)
         if prompt_field not in row:
             raise DataError(f"{where}: row has no {prompt_field!r} field (a string or a list of chat messages); set data.prompt_field")
@@ -113,19 +183,87 @@ def _split_off(rows: list[dict], eval_size: int, seed: int, source: str) -> tupl
     return shuffled[eval_size:], shuffled[:eval_size]
 
 
-def load_splits(data) -> tuple[list[dict], list[dict]]:
-    """Return ``(train_rows, eval_rows)`` for a recipe's ``data`` section."""
-    source = data.source
+def _sample_held_out(test: list[dict], eval_size: int, seed: int) -> list[dict]:
+    """Held-out rows from a separate test split: a seeded sample of eval_size of them (all, if fewer)."""
+    return random.Random(seed).sample(test, min(eval_size, len(test)))
+
+
+def read_rows(path: str | Path, prompt_field: str = "prompt", answer_field: str = "answer") -> list[dict]:
+    """Every row of one data file (JSON lines, a JSON array, CSV or Parquet), normalised: the prompt
+    column as ``prompt``, the answer column also as ``answer``."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in JSON_SUFFIXES:
+        rows = read_jsonl(path)
+    elif suffix in TABLE_SUFFIXES:
+        rows = read_table(path, prompt_field)
+    else:
+        raise DataError(f"{path}: unknown data format {suffix or '(no suffix)'!r}; use {FORMATS}")
+    return _normalise(rows, str(path), prompt_field, answer_field)
+
+
+def load_source(source: str, data, eval_size: int) -> tuple[list[dict], list[dict]]:
+    """``(train_rows, eval_rows)`` of one source, before data.train_size and before the rows are named.
+
+    A built-in task is generated with held-out questions apart; GSM8K and a DatasetDict folder
+    with a "test" (or "validation") split hold out a seeded sample of that split; a file or a
+    single saved Dataset is shuffled with data.seed and its first eval_size rows held out.
+    """
     if source.startswith("builtin:"):
-        return make_task(source.split(":", 1)[1], data.train_size or DEFAULT_TASK_SIZE, data.eval_size, data.seed)
+        return make_task(source.split(":", 1)[1], data.train_size or DEFAULT_TASK_SIZE, eval_size, data.seed)
     if source == "gsm8k":
         train, test = _load_gsm8k(data.path)
-        test = random.Random(data.seed).sample(test, min(data.eval_size, len(test)))
-    elif source.endswith((".jsonl", ".json")):
-        rows = _normalise(read_jsonl(source), source, data.prompt_field, data.answer_field)
-        train, test = _split_off(rows, data.eval_size, data.seed, source)
-    else:
-        raise DataError(f"data.source {source!r}: expected builtin:<task>, gsm8k, or a .jsonl file")
-    if data.train_size:
-        train = train[: data.train_size]
-    return train, test
+        return train, _sample_held_out(test, eval_size, data.seed)
+    if Path(source).is_dir():
+        train, test, test_name = read_saved(source, data.prompt_field)
+        train = _normalise(train, f"{source} [train]" if test is not None else source, data.prompt_field, data.answer_field)
+        if test is None:
+            return _split_off(train, eval_size, data.seed, source)
+        test = _normalise(test, f"{source} [{test_name}]", data.prompt_field, data.answer_field)
+        return train, _sample_held_out(test, eval_size, data.seed)
+    if source.lower().endswith(JSON_SUFFIXES + TABLE_SUFFIXES):
+        rows = read_rows(source, data.prompt_field, data.answer_field)
+        return _split_off(rows, eval_size, data.seed, source)
+    if not Path(source).suffix:
+        raise DataError(f"data source {source!r}: no such folder or file; expected builtin:<task>, gsm8k, or {FORMATS}")
+    raise DataError(f"data source {source!r}: unknown format; expected builtin:<task>, gsm8k, or {FORMATS}")
+
+
+def _named(rows: list[dict], name: str) -> list[dict]:
+    """Each row with ``data_source: name`` last, unless the row has its own ``data_source``."""
+    return [row if "data_source" in row else {**row, "data_source": name} for row in rows]
+
+
+def mix_sources(trains: list[list[dict]], weights: list[float], seed: int) -> list[dict]:
+    """Training rows of several sources, drawn as ``datasets.interleave_datasets(parts,
+    probabilities=weights / sum(weights), seed=seed, stopping_strategy="all_exhausted")`` draws them:
+    each next row comes from source i with probability w_i / sum(w); each source gives its rows in
+    its own order and starts again when it runs out, until every source has given every row once.
+
+    The library interleaves tables of (source, row) indices, not the rows themselves: rows of
+    different sources may have different columns and types, which an Arrow table cannot hold.
+    """
+    from datasets import Dataset, interleave_datasets
+
+    total = sum(weights)
+    parts = [Dataset.from_dict({"source": [i] * len(rows), "row": list(range(len(rows)))}) for i, rows in enumerate(trains)]
+    mixed = interleave_datasets(parts, probabilities=[w / total for w in weights], seed=seed,
+                                stopping_strategy="all_exhausted")
+    return [trains[i][r] for i, r in zip(mixed["source"], mixed["row"])]
+
+
+def load_splits(data) -> tuple[list[dict], list[dict]]:
+    """Return ``(train_rows, eval_rows)`` for a recipe's ``data`` section (data.source, or a mix of data.sources)."""
+    sources = getattr(data, "sources", None)
+    if not sources:
+        train, test = load_source(data.source, data, data.eval_size)
+        name = source_name(data.source)
+        return _named(train[: data.train_size] if data.train_size else train, name), _named(test, name)
+    trains, tests = [], []
+    for spec in sources:
+        eval_size = data.eval_size if spec.eval_size is None else spec.eval_size
+        train, test = load_source(spec.path, data, eval_size)
+        trains.append(_named(train, spec.label))
+        tests += _named(test, spec.label)
+    train = mix_sources(trains, [spec.weight for spec in sources], data.seed)
+    return (train[: data.train_size] if data.train_size else train), tests
