@@ -163,15 +163,10 @@ class DataConfig(Section):
     def anchor_paths(self, folder: Path) -> None:
         """Data paths written relative to the recipe's folder: a relative path that names nothing in the working
         directory but something in ``folder`` becomes absolute, so the recipe runs from any directory."""
-        def anchored(path: str) -> str:
-            if path.startswith("builtin:") or path == "gsm8k" or Path(path).is_absolute() or Path(path).exists():
-                return path
-            return str(folder / path) if (folder / path).exists() else path
-
         if self.source is not None:
-            self.source = anchored(self.source)
+            self.source = anchored_data_path(self.source, folder)
         for spec in self.sources or ():
-            spec.path = anchored(spec.path)
+            spec.path = anchored_data_path(spec.path, folder)
 
 
 class RolloutConfig(Section):
@@ -448,6 +443,8 @@ class SupervisedTrainingConfig(Section):
     """AdamW weight decay."""
     max_grad_norm: float = Field(1.0, gt=0)
     """Gradients are clipped to this global norm."""
+    max_consecutive_skips: int = Field(3, ge=1)
+    """Stop after this many consecutive steps whose loss or gradient was not finite (each is skipped)."""
     loss_threshold: float | None = Field(None, gt=0)
     """Early stop once the mean training loss of the last eval_every steps falls below this."""
     eval_every: int = Field(20, ge=0)
@@ -716,12 +713,21 @@ def load_recipe(path: str | Path, overrides: list[str] = (), schema: type[BaseMo
     folder = path.resolve().parent
     if isinstance(getattr(recipe, "python_path", None), list):
         recipe.python_path = anchored_python_path(recipe.python_path, folder)
-    source = getattr(getattr(recipe, "data", None), "source", None)
-    if isinstance(source, str) and source.endswith((".jsonl", ".json")) and not Path(source).is_absolute() \
-            and not Path(source).exists() and (folder / source).is_file():
-        # a data file beside the recipe is found from any working directory, as its rewards module is
-        recipe.data.source = str(folder / source)
+    data = getattr(recipe, "data", None)
+    # a data file beside the recipe is found from any working directory, as its rewards module is
+    if isinstance(data, DataConfig):
+        data.anchor_paths(folder)
+    elif isinstance(getattr(data, "source", None), str):
+        data.source = anchored_data_path(data.source, folder)
     return recipe
+
+
+def anchored_data_path(path: str, folder: Path) -> str:
+    """A relative data path that names nothing in the working directory but something in the recipe's
+    ``folder``, made absolute; built-in sources and paths found from here stay as written."""
+    if path.startswith("builtin:") or path == "gsm8k" or Path(path).is_absolute() or Path(path).exists():
+        return path
+    return str(folder / path) if (folder / path).exists() else path
 
 
 def anchored_python_path(entries: list[str], folder: Path) -> list[str]:

@@ -43,7 +43,7 @@ def test_jsonl_columns_renamed_and_split(tmp_path):
     train, held_out = load_splits(DataConfig(source=str(path), prompt_field="q", answer_field="gold", eval_size=3))
     assert len(train) == 7 and len(held_out) == 3
     # the answer column also keeps its own name: a TRL function asking for `gold` (or `solution`) gets it
-    assert set(train[0]) == {"prompt", "answer", "gold", "topic"} and train[0]["gold"] == train[0]["answer"]
+    assert set(train[0]) == {"prompt", "answer", "gold", "topic", "data_source"} and train[0]["gold"] == train[0]["answer"]
     assert {r["prompt"] for r in train}.isdisjoint(r["prompt"] for r in held_out)
 
 

@@ -886,7 +886,7 @@ def test_dataset_values_are_never_evaluated(tmp_path, monkeypatch):
     assert [r["prompt"] for r in read_jsonl(path)][0] == payload
     train_rows, held_out = load_splits(DataConfig(source=str(path), eval_size=1))
     rows = {json.dumps(r["prompt"]): r for r in train_rows + held_out}
-    assert rows[json.dumps(payload)] == {"prompt": payload, "answer": payload, "note": payload}
+    assert rows[json.dumps(payload)] == {"prompt": payload, "answer": payload, "note": payload, "data_source": "data"}
     assert rows[json.dumps([{"role": "user", "content": payload}])]["answer"] == f"${payload}$"
     # the maths rewards parse answers and completions: they must not evaluate them either
     for name in ("accuracy", "answer_match"):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from grpokit.config import source_name
+from grpokit.data.chat import check_messages
 from grpokit.data.sources import FORMATS, read_saved, read_table
 from grpokit.data.tasks import make_task
 from grpokit.errors import DataError
@@ -111,16 +112,6 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [{**row, "_line": lineno} for lineno, row in read_json_lines(path)]
 
 
-def _check_messages(prompt: list, where: str, prompt_field: str) -> None:
-    """A list prompt is a chat: each message an object with a string role and a string content
-    (checked here, since the chat template would otherwise fail mid-run on a bad row)."""
-    for index, message in enumerate(prompt):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
-            raise DataError(f"{where}: {prompt_field}[{index}] is not a chat message; each needs a string 'role' "
-                            f"and a string 'content' (e.g. {{\"role\": \"user\", \"content\": \"...\"}}), got {message!r:.60}")
-
-
 def _normalise(rows: list[dict], source: str, prompt_field: str, answer_field: str) -> list[dict]:
     """Rename the recipe's prompt column to ``prompt`` and give its answer column as ``answer`` too (keeping
     the original name, so open-r1's ``solution`` reaches functions that ask for it); check every prompt."""
@@ -134,7 +125,7 @@ def _normalise(rows: list[dict], source: str, prompt_field: str, answer_field: s
         if not isinstance(prompt, (str, list)) or not prompt:
             raise DataError(f"{where}: {prompt_field!r} is {prompt!r:.40}; expected a non-empty string or list of chat messages")
         if isinstance(prompt, list):
-            _check_messages(prompt, where, prompt_field)
+            check_messages(prompt, where, prompt_field)
         item: dict[str, Any] = {k: v for k, v in row.items() if k != prompt_field}
         item["prompt"] = prompt
         if answer_field in row:
@@ -200,6 +191,17 @@ def read_rows(path: str | Path, prompt_field: str = "prompt", answer_field: str 
     else:
         raise DataError(f"{path}: unknown data format {suffix or '(no suffix)'!r}; use {FORMATS}")
     return _normalise(rows, str(path), prompt_field, answer_field)
+
+
+def read_source_rows(data) -> list[dict]:
+    """Every row of ``data.source`` (one data file) in file order, named by its source: what a job that
+    wants the whole file (``grpokit generate``) reads, rather than a train/held-out split."""
+    return _named(read_rows(data.source, data.prompt_field, data.answer_field), source_name(data.source))
+
+
+def is_data_file(source: str | None) -> bool:
+    """Whether a data source names one file (rather than a built-in task, GSM8K or a saved folder)."""
+    return source is not None and Path(source).suffix.lower() in JSON_SUFFIXES + TABLE_SUFFIXES
 
 
 def load_source(source: str, data, eval_size: int) -> tuple[list[dict], list[dict]]:

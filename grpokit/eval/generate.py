@@ -61,24 +61,20 @@ def meta_path(out: str | Path) -> Path:
     return Path(f"{out}.meta.json")
 
 
-def _is_data_file(source: str) -> bool:
-    return source.endswith((".jsonl", ".json"))
-
-
 def select_rows(data, split: str | None) -> tuple[list[dict], str]:
     """The job's rows and split: a data file's rows in file order by default (a generation job
     wants every row), a built-in task's or GSM8K's held-out rows otherwise."""
-    from grpokit.data.loaders import _normalise, load_splits, read_jsonl
+    from grpokit.data.loaders import is_data_file, load_splits, read_source_rows
 
-    split = split or ("all" if _is_data_file(data.source) else "eval")
-    if split == "all" and _is_data_file(data.source):
-        rows = _normalise(read_jsonl(data.source), data.source, data.prompt_field, data.answer_field)
+    split = split or ("all" if is_data_file(data.source) else "eval")
+    if split == "all" and is_data_file(data.source):
+        rows = read_source_rows(data)
     else:
         train, held_out = load_splits(data)
         rows = {"train": train, "eval": held_out, "all": train + held_out}[split]
     for name in RESERVED:
         if any(name in row for row in rows):
-            raise GenerateError(f"{data.source}: the data has a column {name!r}, which grpokit generate writes itself "
+            raise GenerateError(f"{data.label}: the data has a column {name!r}, which grpokit generate writes itself "
                                 f"({', '.join(RESERVED)}); rename that column")
     return rows, split
 
@@ -88,7 +84,7 @@ def job_meta(model: str, split: str, k: int, batch_size: int, settings, recipe, 
     sections = {"model": recipe.model.model_dump(mode="json", exclude={"path", "lora"}),  # --model replaces both
                 "data": recipe.data.model_dump(mode="json")}
     return {
-        "model": model, "data": recipe.data.source, "split": split, "num_generations": k, "seed": settings.seed,
+        "model": model, "data": recipe.data.label, "split": split, "num_generations": k, "seed": settings.seed,
         "batch_size": batch_size,
         "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k,
         "max_completion_length": settings.max_completion_length, "max_prompt_length": settings.max_prompt_length,
@@ -203,8 +199,10 @@ def generate_file(model: str, out: str | Path, num_generations: int, *, recipe_p
     out, k = Path(out), num_generations
     target = resolve_target(model)
     recipe = load_eval_recipe(target, recipe_path, [*(overrides or []), *cli_overrides(data, None, None, temperature, seed)])
+    from grpokit.data.loaders import is_data_file
+
     source = recipe.data.source
-    if _is_data_file(source) and out.resolve() == Path(source).resolve():
+    if is_data_file(source) and out.resolve() == Path(source).resolve():
         raise GenerateError(f"--out {out} is the input data file; choose another output path")
     all_rows, split = select_rows(recipe.data, split)
     rows = all_rows[:limit] if limit else all_rows

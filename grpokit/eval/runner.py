@@ -115,6 +115,17 @@ def sampled_metrics(rows: list[dict], texts: list[str], lengths: list[int], corr
     }
 
 
+def source_accuracy(rows: list[dict], correct: list[bool], seed: int) -> dict[str, dict[str, Any]]:
+    """Greedy accuracy per ``data_source`` when the held-out rows come from several (``data.sources``)."""
+    groups: dict[str, list[float]] = {}
+    for row, right in zip(rows, correct):
+        groups.setdefault(str(row.get("data_source")), []).append(float(right))
+    if len(groups) < 2:
+        return {}
+    return {name: {"accuracy": mean(values), "accuracy_interval": _interval(values, seed), "num_examples": len(values)}
+            for name, values in groups.items()}
+
+
 def evaluate(policy, rows: list[dict], rewards: RewardSet, settings: EvalSettings, step: int = 0) -> dict[str, Any]:
     """Greedy accuracy (with interval and per-row correctness), rewards, lengths, verbatim samples;
     with ``settings.num_generations`` >= 1 also a ``sampling`` block (pass@k, diversity).
@@ -137,6 +148,9 @@ def evaluate(policy, rows: list[dict], rewards: RewardSet, settings: EvalSetting
         ],
         "sampling": None,
     }
+    by_source = source_accuracy(rows, correct, settings.seed)
+    if by_source:
+        result["by_source"] = by_source
     if settings.num_generations >= 1 and rows:
         k = settings.num_generations
         s_texts, s_lengths, s_ids = _generate(policy, rows, settings, k, greedy=False)
@@ -151,6 +165,7 @@ def metrics_line(result: dict[str, Any]) -> dict[str, Any]:
             "accuracy_hi": result["accuracy_interval"][1], "reward": result["reward"],
             "completion_length": result["completion_length"], "num_examples": result["num_examples"]}
     line.update({f"rewards/{k}": v for k, v in result["rewards"].items()})
+    line.update({f"accuracy/{name}": block["accuracy"] for name, block in result.get("by_source", {}).items()})
     sampling = result.get("sampling")
     if sampling:
         line.update({f"pass@{k}": v for k, v in sampling["pass_at_k"].items()})

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from grpokit.errors import GrpokitError
-from grpokit.models.checkpoint import step_checkpoints
+from grpokit.models.checkpoint import latest_checkpoint
 
 _STEP_NAME = re.compile(r"step-\d+")
 
@@ -29,20 +29,16 @@ class Target:
     run_dir: Path | None  # the run the checkpoint belongs to, if any
 
 
-def _latest_checkpoint(run_dir: Path) -> Path:
-    # complete step-N directories only, never a symlink that leads out of the run
-    found = step_checkpoints(run_dir / "checkpoints")
-    if not found:
-        raise GrpokitError(f"{run_dir}: the run has no checkpoints/step-N directory yet; "
-                           "train it first or pass a checkpoint or model directory to --model")
-    return max(found)[1]
-
-
 def resolve_target(model: str) -> Target:
-    """A run dir (its latest checkpoint), a checkpoint dir, or anything ``model.path`` accepts."""
+    """A run dir (its latest checkpoint, as ``--resume`` picks it: ``latest_checkpoint``), a checkpoint
+    dir, or anything ``model.path`` accepts."""
     path = Path(model).expanduser()
     if (path / "recipe.yaml").is_file() and (path / "checkpoints").is_dir():
-        return Target(model, _latest_checkpoint(path), path)
+        checkpoint = latest_checkpoint(path / "checkpoints")
+        if checkpoint is None:
+            raise GrpokitError(f"{path}: the run has no complete checkpoints/step-N directory yet; train it "
+                               "first, or pass a checkpoint or model directory to --model")
+        return Target(model, checkpoint, path)
     if (path / "trainer_state.json").is_file():
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
         return Target(model, path, run_dir if run_dir and (run_dir / "recipe.yaml").is_file() else None)
@@ -51,8 +47,10 @@ def resolve_target(model: str) -> Target:
 
 def default_name(recipe, target: Target, num_generations: int) -> str:
     """``<data>`` for a run's own checkpoint, ``<model>-<data>`` otherwise, ``-k<K>`` when sampling."""
-    source = recipe.data.source
-    data = source.split(":", 1)[1] if source.startswith("builtin:") else Path(source).stem
+    from grpokit.config import source_name
+
+    sources = recipe.data.sources
+    data = "-".join(spec.label for spec in sources) if sources else source_name(recipe.data.source)
     name = data if target.run_dir else f"{Path(target.model).name.removesuffix('.gguf')}-{data}"
     return f"{name}-k{num_generations}" if num_generations else name
 
@@ -84,7 +82,8 @@ def load_eval_recipe(target: Target, recipe_path: str | None, overrides: list[st
 def cli_overrides(data: str | None, num_generations: int | None, pass_k: list[int] | None,
                   temperature: float | None, seed: int | None) -> list[str]:
     """The eval command's flags as recipe overrides, so they are validated like any recipe key."""
-    pairs = {"data.source": data, "eval.num_generations": num_generations, "eval.temperature": temperature,
+    # --data replaces the recipe's data, a single source or a mix
+    pairs = {"data.source": data, "data.sources": None if data is None else "null", "eval.num_generations": num_generations, "eval.temperature": temperature,
              "training.seed": seed, "eval.pass_k": None if pass_k is None else "[" + ",".join(map(str, pass_k)) + "]"}
     return [f"{key}={value}" for key, value in pairs.items() if value is not None]
 
@@ -117,7 +116,7 @@ def run_evaluation(model: str, *, recipe_path: str | None = None, overrides: lis
     rows = rows[:limit] if limit else rows
     with RewardSet.from_recipe(recipe) as rewards:
         policy = load_target_policy(target, recipe)
-        result = {"name": name, "model": str(target.checkpoint or model), "data": recipe.data.source,
+        result = {"name": name, "model": str(target.checkpoint or model), "data": recipe.data.label,
                   **evaluate(policy, rows, rewards, EvalSettings.from_recipe(recipe), checkpoint_step(target))}
     write_json(destination, result)
     return destination, result

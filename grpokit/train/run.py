@@ -81,7 +81,7 @@ def check_prompt_lengths(encoder: PromptEncoder, rows: list[dict], recipe: Recip
         return
     first = rows[over[0]]["prompt"]
     text = first if isinstance(first, str) else first[-1].get("content", "")
-    what = (f"{len(over)} of {len(rows)} prompts of {data.source} are longer than rollout.max_prompt_length = {limit} "
+    what = (f"{len(over)} of {len(rows)} prompts of {data.label} are longer than rollout.max_prompt_length = {limit} "
             f"tokens (the first: {len(ids[over[0]])} tokens, {text[:60]!r})")
     if recipe.rollout.prompt_overflow == "error":
         raise DataError(f"{what}; raise rollout.max_prompt_length or set rollout.prompt_overflow: truncate")
