@@ -166,3 +166,24 @@ def test_recipe_backends_equal_the_rollout_backends():
     from grpokit.rollout import BACKENDS
 
     assert set(get_args(RolloutConfig.model_fields["backend"].annotation)) == set(BACKENDS)
+
+
+def test_every_declared_dependency_is_imported():
+    """pyproject's dependencies are what grpokit imports: none declared and never used."""
+    import re
+    import tomllib
+
+    module_of = {"PyYAML": "yaml", "math-verify": "math_verify"}
+    used_through = {"gguf": "transformers reads the embedded GGUF model with it (models/gguf.py)"}
+    declared = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["dependencies"]
+    imported = set()
+    for path in sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                imported.add(node.module.split(".")[0])
+    names = [re.split(r"[<>=!~\[ ]", spec, maxsplit=1)[0] for spec in declared]
+    unused = [name for name in names if module_of.get(name, name.replace("-", "_")) not in imported
+              and name not in used_through]
+    assert unused == []
