@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 from grpokit.errors import RunDirError
-from grpokit.report import write_report
-from grpokit.report.plots import plot_accuracy
+from grpokit.report import plots, write_report
+from grpokit.report.plots import plot_accuracy, plot_reward
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 STEPS = 20
@@ -76,6 +78,41 @@ def make_run(root: Path, *, evals: bool = True, with_kl: bool = True) -> Path:
     return run
 
 
+@pytest.fixture
+def drawn(monkeypatch) -> dict[str, Figure]:
+    """Every figure the report saves, by file name without ``.png``: what the plots show.
+
+    The PNG is still written; the test reads the figure's artists (line data, band, error
+    bars, titles) instead of the image, so a plot of the wrong series fails."""
+    figures: dict[str, Figure] = {}
+    real_save = plots._save
+
+    def save(fig: Figure, path: Path) -> None:
+        figures[Path(path).stem] = fig
+        real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", save)
+    return figures
+
+
+def _line(ax: Axes, label: str | None = None) -> tuple[list[float], list[float]]:
+    """x and y of the line called ``label`` (the only line when None)."""
+    lines = [l for l in ax.get_lines() if label is None or l.get_label() == label]
+    assert len(lines) == 1, f"{len(lines)} lines called {label!r}: {[l.get_label() for l in ax.get_lines()]}"
+    return [float(x) for x in lines[0].get_xdata()], [float(y) for y in lines[0].get_ydata()]
+
+
+def _labels(ax: Axes) -> list[str]:
+    return [l.get_label() for l in ax.get_lines()]
+
+
+def _band(ax: Axes) -> dict[float, list[float]]:
+    """The shaded interval: step -> [lower, upper] edge, read off the polygon fill_between drew."""
+    (band,) = ax.collections
+    vertices = band.get_paths()[0].vertices
+    return {float(x): sorted({float(y) for vx, y in vertices if vx == x}) for x in sorted(set(vertices[:, 0]))}
+
+
 def _table_row(report: str, label: str) -> list[str]:
     """The cells of the Markdown table row whose first cell is ``label``."""
     for line in report.splitlines():
@@ -114,13 +151,85 @@ def test_report_recipe_table(tmp_path: Path) -> None:
     assert _table_row(report, "`rollout.num_generations`")[1] == "4"
 
 
-def test_report_writes_every_plot_as_png(tmp_path: Path) -> None:
+def test_report_plots_draw_the_run_metrics(tmp_path: Path, drawn: dict[str, Figure]) -> None:
     run = make_run(tmp_path)
     report = write_report(run).read_text()
-    for name in ("reward", "accuracy", "kl", "completion_length", "loss_entropy"):
+    assert list(drawn) == ["reward", "accuracy", "kl", "completion_length", "loss_entropy"]  # no pass@k: no sampling
+    for name in drawn:
         png = run / "plots" / f"{name}.png"
         assert png.read_bytes().startswith(PNG_MAGIC) and png.stat().st_size > 5_000, name
         assert f"](plots/{name}.png)" in report
+    steps = [float(s) for s in range(1, STEPS + 1)]
+
+    (ax,) = drawn["reward"].axes
+    # each component once, its spread (rewards/answer_match_std) not drawn as a component
+    assert _labels(ax) == ["reward (total)", "moving average (2 steps)", "answer_match", "format"]
+    assert _line(ax, "reward (total)") == (steps, pytest.approx([0.05 * s for s in steps]))
+    # 20 steps: a 2-step trailing window; the first point averages itself alone
+    moving = [0.05] + [0.05 * s - 0.025 for s in steps[1:]]
+    assert _line(ax, "moving average (2 steps)") == (steps, pytest.approx(moving))
+    assert _line(ax, "answer_match") == (steps, pytest.approx([0.04 * s for s in steps]))
+    assert _line(ax, "format") == (steps, [1.0] * STEPS)
+    assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel()) == ("Reward per training step", "step", "mean reward")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == _labels(ax)
+
+    (ax,) = drawn["accuracy"].axes
+    assert _line(ax, "accuracy (greedy)") == ([0.0, 5.0, 20.0], pytest.approx([25.0, 30.0, 100 * 15 / 32]))  # in %
+    assert len(ax.collections) == 0 and ax.get_legend() is None  # no interval logged: no band
+    assert ax.get_ylabel() == "accuracy (%)"
+
+    (ax,) = drawn["kl"].axes
+    assert _line(ax) == (steps, pytest.approx([0.001 * s for s in steps]))
+    assert ax.get_title() == "KL to the reference"  # the recipe names no estimator: the title names none
+
+    (ax,) = drawn["completion_length"].axes
+    assert _line(ax, "train") == (steps, [30.0 + s for s in steps])
+    assert _line(ax, "eval") == ([0.0, 5.0, 20.0], [40.0, 37.5, 30.0])  # eval lengths as points, not a line
+    assert [l.get_linestyle() for l in ax.get_lines()] == ["-", "None"]
+
+    loss_ax, entropy_ax = drawn["loss_entropy"].axes
+    assert (loss_ax.get_title(), entropy_ax.get_title()) == ("loss", "entropy")
+    assert _line(loss_ax) == (steps, pytest.approx([-0.01 * s for s in steps]))
+    assert _line(entropy_ax) == (steps, pytest.approx([1.5 - 0.02 * s for s in steps]))
+    assert entropy_ax.get_ylabel() == "nats / token"
+
+
+def test_pass_at_k_error_bars_are_the_intervals_and_many_evals_are_thinned(tmp_path: Path,
+                                                                          drawn: dict[str, Figure]) -> None:
+    # asymmetric intervals, one unknown (no bar); seven evals of which five are drawn
+    points = {1: (0.3, (0.25, 0.4)), 4: (0.5, None), 16: (0.7, (0.6, 0.72))}
+    curves = [(f"s{i}", {k: (v + i / 100, iv) for k, (v, iv) in points.items()}) for i in range(7)]
+    assert plots.plot_pass_at_k(curves, tmp_path / "pass.png", most=5)
+    (ax,) = drawn["pass"].axes
+    # first and last always, the rest evenly spaced: indices round(i * 6 / 4) = 0, 2, 3, 4, 6
+    assert [c.get_label() for c in ax.containers] == ["s0", "s2", "s3", "s4", "s6"]
+    data_line, _, (bars,) = ax.containers[0].lines
+    assert [float(v) for v in data_line.get_ydata()] == pytest.approx([30.0, 50.0, 70.0])
+    # below and above the point, not mirrored: [25, 40] around 30, nothing at k = 4, [60, 72] around 70
+    assert [float(y) for segment in bars.get_segments() for _, y in segment] == pytest.approx(
+        [25.0, 40.0, 50.0, 50.0, 60.0, 72.0])
+    assert ax.get_xscale() == "log" and [float(k) for k in ax.get_xticks()] == [1.0, 4.0, 16.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "4", "16"]
+
+
+@pytest.mark.parametrize("algorithm, title", [({"kl_estimator": "k1"}, "KL to the reference (k1)"),
+                                               ({"kl_estimator": "k3", "beta": 0.1}, "KL to the reference (k3)"),
+                                               (None, "KL to the reference")])
+def test_kl_plot_names_the_runs_estimator(tmp_path: Path, drawn: dict[str, Figure], algorithm, title) -> None:
+    run = make_run(tmp_path, evals=False)
+    if algorithm is None:
+        (run / "recipe.yaml").unlink()
+    else:
+        (run / "recipe.yaml").write_text(yaml.safe_dump({**RECIPE, "algorithm": algorithm}))
+    write_report(run)
+    assert drawn["kl"].axes[0].get_title() == title
+
+
+def test_single_step_is_drawn_as_a_point_without_moving_average(tmp_path: Path, drawn: dict[str, Figure]) -> None:
+    assert plot_reward([{"step": 3, "kind": "train", "reward": 0.5}], tmp_path / "reward.png")
+    (ax,) = drawn["reward"].axes
+    assert _labels(ax) == ["reward (total)"]
+    assert _line(ax) == ([3.0], [0.5]) and ax.get_lines()[0].get_marker() == "o"
 
 
 def test_report_pairs_samples_by_prompt_and_escapes_cells(tmp_path: Path) -> None:
@@ -133,9 +242,11 @@ def test_report_pairs_samples_by_prompt_and_escapes_cells(tmp_path: Path) -> Non
     assert escaped[3:] == ["no", "x", "yes"]
 
 
-def test_run_without_evals_or_kl_still_reports(tmp_path: Path) -> None:
+def test_run_without_evals_or_kl_still_reports(tmp_path: Path, drawn: dict[str, Figure]) -> None:
     run = make_run(tmp_path, evals=False, with_kl=False)
     report = write_report(run).read_text()
+    assert list(drawn) == ["reward", "completion_length", "loss_entropy"]
+    assert _labels(drawn["completion_length"].axes[0]) == ["train"]  # no eval points
     assert "No eval files" in report
     assert not (run / "plots" / "kl.png").exists() and not (run / "plots" / "accuracy.png").exists()
     assert "plots/kl.png" not in report and "plots/accuracy.png" not in report
@@ -177,7 +288,7 @@ def test_bad_eval_file_names_file_and_line(tmp_path: Path) -> None:
         write_report(run)
 
 
-def test_minimal_run_with_one_eval_and_sparse_lines(tmp_path: Path) -> None:
+def test_minimal_run_with_one_eval_and_sparse_lines(tmp_path: Path, drawn: dict[str, Figure]) -> None:
     """A run killed early: no recipe, no run.json, one train line with only a reward."""
     run = tmp_path / "early"
     (run / "eval").mkdir(parents=True)
@@ -190,6 +301,8 @@ def test_minimal_run_with_one_eval_and_sparse_lines(tmp_path: Path) -> None:
     assert "Only one evaluation so far" in report
     assert "No sample completions were recorded." in report
     assert sorted(p.name for p in (run / "plots").iterdir()) == ["accuracy.png"]
+    (ax,) = drawn["accuracy"].axes  # the reward was null: no reward plot; the one eval is one marked point
+    assert _line(ax) == ([0.0], [50.0]) and ax.get_lines()[0].get_marker() == "o"
 
 
 # --- the newer eval fields: intervals, per-row correctness, sampling (pass@k, diversity) ---
@@ -253,14 +366,29 @@ def test_report_shows_intervals_pass_at_k_and_diversity(tmp_path: Path) -> None:
     assert "over the same 32 held-out rows" in line and "the gain is larger than resampling noise" in line
 
 
-def test_report_pass_at_k_plot_only_with_sampling(tmp_path: Path) -> None:
+def test_report_pass_at_k_plot_only_with_sampling(tmp_path: Path, drawn: dict[str, Figure]) -> None:
     run = make_new_format_run(tmp_path / "new")
     report = write_report(run).read_text()
     assert (run / "plots" / "pass_at_k.png").read_bytes().startswith(PNG_MAGIC)
     assert "](plots/pass_at_k.png)" in report
+    (ax,) = drawn["pass_at_k"].axes
+    # one curve per eval that sampled (steps 0 and 20, not 5), in %, with the files' intervals as error bars
+    curves = {c.get_label(): c for c in ax.containers}
+    assert list(curves) == ["step 0", "step 20"]
+    for label, values, intervals in [("step 0", [30.0, 60.0], [[20.0, 40.0], [55.0, 65.0]]),
+                                     ("step 20", [55.0, 90.0], [[45.0, 65.0], [85.0, 95.0]])]:
+        data_line, _, (bars,) = curves[label].lines
+        assert [float(k) for k in data_line.get_xdata()] == [1.0, 10.0]
+        assert [float(v) for v in data_line.get_ydata()] == pytest.approx(values)
+        assert [float(y) for segment in bars.get_segments() for _, y in segment] == pytest.approx(sum(intervals, []))
+    assert ax.get_xscale() == "log" and list(ax.get_xticks()) == [1, 10]  # k spans a factor of 10
+    first, last = (curves[label].lines[0].get_color() for label in ("step 0", "step 20"))
+    assert sum(first[:3]) > sum(last[:3])  # later evals darker
+    drawn.clear()
     (tmp_path / "old").mkdir()
     old = make_run(tmp_path / "old")
     old_report = write_report(old).read_text()
+    assert "pass_at_k" not in drawn and "accuracy" in drawn  # nothing sampled: the figure is not even built
     assert not (old / "plots" / "pass_at_k.png").exists() and "pass_at_k" not in old_report
     assert "pass@" not in old_report and "paired bootstrap" not in old_report
     assert _table_row(old_report, "Accuracy")[1] == "25.0%"
@@ -281,23 +409,33 @@ def test_report_identical_correct_lists_are_within_noise(tmp_path: Path) -> None
     assert "[+0.0, +0.0]; the interval includes 0, so the difference is within noise." in report
 
 
-def test_accuracy_band_changes_the_plot(tmp_path: Path) -> None:
+def test_accuracy_band_is_the_logged_interval(tmp_path: Path, drawn: dict[str, Figure]) -> None:
     rows = [{"step": 0, "accuracy": 0.25}, {"step": 20, "accuracy": 0.5}]
     band = [{**rows[0], "accuracy_lo": 0.1, "accuracy_hi": 0.4}, {**rows[1], "accuracy_lo": 0.3, "accuracy_hi": 0.7}]
     assert plot_accuracy(rows, tmp_path / "plain.png") and plot_accuracy(band, tmp_path / "band.png")
-    assert (tmp_path / "plain.png").read_bytes() != (tmp_path / "band.png").read_bytes()
+    plain, banded = drawn["plain"].axes[0], drawn["band"].axes[0]
+    assert len(plain.collections) == 0 and _line(plain) == ([0.0, 20.0], [25.0, 50.0])
+    assert _band(banded) == {0.0: pytest.approx([10.0, 40.0]), 20.0: pytest.approx([30.0, 70.0])}
+    assert _line(banded, "accuracy (greedy)") == ([0.0, 20.0], [25.0, 50.0])
+    assert [t.get_text() for t in banded.get_legend().get_texts()] == ["95% bootstrap interval", "accuracy (greedy)"]
 
 
-def test_report_band_from_eval_files_when_metrics_lack_eval_lines(tmp_path: Path) -> None:
+def test_report_band_from_eval_files_when_metrics_lack_eval_lines(tmp_path: Path, drawn: dict[str, Figure]) -> None:
     run = make_new_format_run(tmp_path)
     lines = [l for l in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' not in l]
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     write_report(run)
+    (ax,) = drawn["accuracy"].axes
+    # the eval files' accuracy and accuracy_interval, in %
+    assert _line(ax, "accuracy (greedy)") == ([0.0, 5.0, 20.0], pytest.approx([25.0, 30.0, 100 * 15 / 32]))
+    assert _band(ax) == {0.0: pytest.approx([12.5, 40.625]), 5.0: pytest.approx([15.0, 45.0]),
+                         20.0: pytest.approx([31.25, 62.5])}
     (tmp_path / "plain").mkdir()
     plain = make_run(tmp_path / "plain")
     (plain / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     write_report(plain)
-    assert (run / "plots" / "accuracy.png").read_bytes() != (plain / "plots" / "accuracy.png").read_bytes()
+    (ax,) = drawn["accuracy"].axes  # eval files without intervals: the same curve, no band
+    assert len(ax.collections) == 0 and _line(ax)[1] == pytest.approx([25.0, 30.0, 100 * 15 / 32])
 
 
 def test_report_lists_grpokit_eval_files_beside_the_first_and_last_training_evals(tmp_path: Path) -> None:

@@ -145,7 +145,7 @@ def policy_loss(
         n_tokens = mask_nT.sum().clamp(min=1.0)
 
         def token_mean(x_nT: torch.Tensor) -> float:
-            if x_nT.size(1) == 1:  # sequence level: one value per sequence, averaged over sequences (as TRL)
+            if x_nT.size(1) < mask_nT.size(1):  # sequence level: one value per sequence, averaged over them (as TRL)
                 return x_nT.float().mean().item()
             return ((x_nT.float() * mask_nT).sum() / n_tokens).item()
 

@@ -99,11 +99,14 @@ def write_report(run_dir: str | Path) -> Path:
     # the lines when a run logged only the files
     curve = eval_rows or [_eval_line(e) for e in evals]
     pass_curves = [(f"step {e.get('step')}", points) for e in evals if (points := pass_at_k(e))]
-    plot_names = write_plots(train_rows, curve, run / "plots", pass_curves)
+    recipe = _read_recipe(run / "recipe.yaml")
+    algorithm = recipe.get("algorithm") if isinstance(recipe.get("algorithm"), dict) else {}
+    estimator = algorithm.get("kl_estimator") if isinstance(algorithm.get("kl_estimator"), str) else None
+    plot_names = write_plots(train_rows, curve, run / "plots", pass_curves, kl_estimator=estimator)
     text = build_markdown(
         name=run.resolve().name,
         run_info=run_info,
-        recipe=_read_recipe(run / "recipe.yaml"),
+        recipe=recipe,
         train_rows=train_rows,
         evals=evals,
         samples=samples,

@@ -264,17 +264,20 @@ def plot_loss_entropy(train_rows: list[Row], path: Path) -> bool:
 
 
 def write_plots(train_rows: list[Row], eval_rows: list[Row], plot_dir: Path,
-                pass_curves: list[PassCurve] = ()) -> list[str]:
+                pass_curves: list[PassCurve] = (), kl_estimator: str | None = None) -> list[str]:
     """Write every plot that has data into ``plot_dir``; return the names written, in order.
 
     The names are the keys of ``CAPTIONS``; the report links ``plots/<name>.png``.
+    ``kl_estimator`` is the run's ``algorithm.kl_estimator``, named in the KL plot's title
+    (k1 can go negative, k2 and k3 cannot); None when the run directory does not say.
     """
     output_dir(plot_dir)
+    kl_title = f"KL to the reference ({kl_estimator})" if kl_estimator else "KL to the reference"
     jobs = {
         "reward": lambda p: plot_reward(train_rows, p),
         "accuracy": lambda p: plot_accuracy(eval_rows, p),
         "pass_at_k": lambda p: plot_pass_at_k(list(pass_curves), p),
-        "kl": lambda p: plot_single(train_rows, "kl", "KL to the reference (k3)", "nats / token", p),
+        "kl": lambda p: plot_single(train_rows, "kl", kl_title, "nats / token", p),
         "completion_length": lambda p: plot_completion_length(train_rows, eval_rows, p),
         "loss_entropy": lambda p: plot_loss_entropy(train_rows, p),
     }
