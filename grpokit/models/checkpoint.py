@@ -145,11 +145,17 @@ def publish_checkpoint(directory: Path, keep: int) -> None:
 
 
 def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The checkpoint ``latest`` names if it is complete, else the newest complete one, else None.
+    """The run's latest checkpoint, by the one rule every reader uses (``--resume``, ``grpokit eval``
+    and ``grpokit generate`` given a run directory): the checkpoint ``latest`` names if it is
+    complete, else the newest complete ``step-N``, else None.
 
-    Refuses (``RunDirError``) a ``latest`` that names anything but a plain ``step-N`` directory
-    inside ``checkpoints_dir``: an absolute path, ``..`` or a link would make a resume load
-    from, and write to, somewhere outside the run directory.
+    ``latest`` wins over a higher step number: it is written only once its checkpoint is
+    complete, so a complete ``step-N`` it does not name yet is one a crash interrupted before it
+    was published, or one a user stepped back from by writing an earlier name into ``latest``.
+    Only complete ``step-N`` directories count, never a symbolic link; a ``latest`` that names
+    anything but a plain ``step-N`` inside ``checkpoints_dir`` (an absolute path, ``..``, a link)
+    is refused with ``RunDirError``, since it would make a reader load from, and a resume write
+    to, somewhere outside the run directory.
     """
     from grpokit.errors import RunDirError
 
@@ -160,8 +166,9 @@ def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
         if not _STEP_DIR.fullmatch(name) or named.is_symlink():
             raise RunDirError(f"{pointer} names {name[:100]!r}, which is not a step-N directory inside "
                               f"{checkpoints_dir}{' (it is a symbolic link)' if named.is_symlink() else ''}; "
-                              "grpokit resumes only from its own checkpoints. Write the name of one of them "
-                              "(e.g. step-20) into checkpoints/latest, or start a new run with --overwrite")
+                              "grpokit reads only a run's own checkpoints. Write the name of one of them "
+                              "(e.g. step-20) into checkpoints/latest, or delete the file to use the newest "
+                              "complete checkpoint")
         if is_complete(named):
             return named
     complete = step_checkpoints(checkpoints_dir)

@@ -24,7 +24,6 @@ import torch
 
 from grpokit import __version__
 from grpokit.config import Recipe, dump_recipe
-from grpokit.errors import TrainingError
 from grpokit.eval import EvalSettings, evaluate, metrics_line
 from grpokit.io import write_json, write_text
 from grpokit.log import RunLogger
@@ -36,11 +35,16 @@ from grpokit.train.run import Run, setup
 from grpokit.train.rundir import RunLock, check_run_dir, check_writable, find_resume_checkpoint, now_iso, prepare_run_dir
 from grpokit.train.schedule import build_optimizer
 from grpokit.train.signals import GracefulStop
+from grpokit.train.skips import count_skips
 from grpokit.train.state import capture, restore
 from grpokit.train.update import policy_update
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, dict[str, Any]], None]
+# the end of the message when training.max_consecutive_skips updates in a row were skipped (train/skips.py)
+SKIP_REMEDY = ("the skipped updates never changed the weights, and the last checkpoint is intact. Check the rewards "
+               "for extreme values and continue with --resume (training.max_consecutive_skips may be raised on "
+               "resume), or start a new run with a lower training.learning_rate")
 
 
 def reward_metrics(rounds: list) -> dict[str, float]:
@@ -182,7 +186,10 @@ def run_step(run: Run, optimizer, scheduler, step: int, logger: RunLogger, progr
     batch = collect_batch(run, step)
     t_generate = time.perf_counter() - t0
     metrics = policy_update(run, optimizer, scheduler, batch.rollouts, batch.advantages_N)
-    count_skips(run, metrics, step)
+    skipped = bool(metrics.get("skipped_update"))
+    run.skipped_updates += int(skipped)
+    run.consecutive_skips = count_skips(skipped, run.consecutive_skips, step, recipe.training.max_consecutive_skips,
+                                        SKIP_REMEDY)
     step_time = time.perf_counter() - t0
     rewards = reward_metrics(batch.fresh)
     logger.metrics({"step": step, "kind": "train", **rewards, **batch.metrics, **metrics,
@@ -208,23 +215,6 @@ def record_failure(run_dir: Path, run_info: dict[str, Any], logger: RunLogger | 
         log.warning("could not record the failure in %s: %s", run_dir / "run.json", write_error)
 
 
-def count_skips(run: Run, metrics: dict[str, float], step: int) -> None:
-    """Count updates skipped for a non-finite loss or gradient; too many in a row end the run."""
-    limit = run.recipe.training.max_consecutive_skips
-    if not metrics.get("skipped_update"):
-        run.consecutive_skips = 0
-        return
-    run.consecutive_skips += 1
-    run.skipped_updates += 1
-    log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d in all)",
-                step, run.consecutive_skips, run.skipped_updates)
-    if run.consecutive_skips >= limit:
-        raise TrainingError(
-            f"step {step}: the loss or gradient was not finite in {limit} consecutive steps "
-            f"(training.max_consecutive_skips); the weights are those of the last good update. Lower "
-            "training.learning_rate or check the rewards for extreme values, then resume or restart")
-
-
 def save_run_checkpoint(run: Run, optimizer, scheduler, run_dir: Path, step: int, wall_s: float) -> Path:
     """Weights plus the whole training state, written atomically, then published as ``latest``."""
     json_state, torch_state = capture(run, optimizer, scheduler, step)
@@ -242,7 +232,16 @@ def resume_run(run: Run, optimizer, scheduler, checkpoint: Path) -> tuple[int, d
     step = restore(run, optimizer, scheduler, checkpoint, json_state)
     run_info = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     run_info.update(status="running", steps=step, wall_s=json_state.get("wall_s", 0.0))
-    run_info.setdefault("resumed", []).append({"from_step": step, "at": now_iso()})
+    resumed = {"from_step": step, "at": now_iso()}
+    training, before = run.recipe.training, json_state.get("max_steps")
+    if type(before) is int and before != training.max_steps:
+        resumed["max_steps"] = [before, training.max_steps]
+        if training.lr_schedule != "constant":
+            log.warning("training.max_steps changed from %d to %d: the %s learning-rate schedule now decays over "
+                        "%d steps, so from step %d on each step gets the rate an uninterrupted %d-step run gives it",
+                        before, training.max_steps, training.lr_schedule, training.max_steps, step + 1,
+                        training.max_steps)
+    run_info.setdefault("resumed", []).append(resumed)
     for key in ("error", "failed", "stopped", "stop_signal", "finished"):
         run_info.pop(key, None)
     log.info("resuming %s from %s (step %d of %d)", run_dir, checkpoint.name, step, run.recipe.training.max_steps)

@@ -4,6 +4,8 @@ A run's future depends on: the optimiser moments and schedule position, where th
 pass stands (the shuffled order and the cursor), every random stream (the data shuffler,
 the sampler's state, Python's, NumPy's and torch's global generators), the reward
 orchestrator's running statistics, the replay buffer and the count of skipped updates.
+The schedule's *position* is restored, its shape comes from the current recipe: a resume
+with another ``training.max_steps`` decays over the new total (``schedule.py``).
 ``capture`` turns that into JSON (small, human-readable) plus torch state files (tensors,
 loaded back with ``weights_only=True``); ``restore`` puts it back.
 """
@@ -19,6 +21,7 @@ import torch
 
 from grpokit.models.checkpoint import load_torch_state
 from grpokit.train.run import Run
+from grpokit.train.schedule import restore_scheduler
 
 
 def _numpy_state() -> dict[str, Any]:
@@ -54,6 +57,7 @@ def capture(run: Run, optimizer, scheduler, step: int) -> tuple[dict[str, Any], 
     """``(json_state, torch_state)`` for a checkpoint after ``step``."""
     json_state = {
         "step": step,
+        "max_steps": run.recipe.training.max_steps,  # the total the schedule decayed over so far
         "data": {"cursor": run.cursor, "order": run.order, "num_rows": len(run.train_rows)},
         "reward_orchestrator": run.orchestrator.state_dict(),
         "consecutive_skips": run.consecutive_skips,
@@ -85,7 +89,7 @@ def restore(run: Run, optimizer, scheduler, directory: Path, json_state: dict[st
     run.consecutive_skips = json_state.get("consecutive_skips", 0)
     run.skipped_updates = json_state.get("skipped_updates", 0)
     optimizer.load_state_dict(load_torch_state(directory, "optimizer"))
-    scheduler.load_state_dict(load_torch_state(directory, "scheduler"))
+    restore_scheduler(scheduler, load_torch_state(directory, "scheduler"))  # after the optimiser: it sets the lr
     set_rng_state(run, load_torch_state(directory, "rng"))
     if run.replay is not None and (directory / "replay.pt").is_file():
         run.replay.load_state_dict(load_torch_state(directory, "replay"))

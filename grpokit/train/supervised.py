@@ -4,8 +4,9 @@ A stage supplies its examples, a ``loss_fn(micro_batch) -> (loss, metrics)`` tha
 micro-batch's *mean* loss, and an ``eval_fn() -> metrics`` on its held-out rows; this module
 owns everything else, once: seeded shuffling per epoch, gradient accumulation, AdamW with
 warmup and decay (``schedule.py``, the same as GRPO's), gradient clipping, skipping updates
-whose loss or gradient is not finite, ``metrics.jsonl`` lines, early stopping on a loss
-threshold, and the run directory (``recipe.yaml``, ``run.json``, the saved weights).
+whose loss or gradient is not finite (``skips.py``, GRPO's rule and key), ``metrics.jsonl``
+lines, early stopping on a loss threshold, and the run directory (``recipe.yaml``,
+``run.json``, the saved weights).
 
 Gradient accumulation is exact: each example carries a weight (its number of loss tokens
 for SFT, 1 for a preference pair), and each micro-batch's mean loss is scaled by its share
@@ -29,16 +30,18 @@ import torch
 
 from grpokit import __version__
 from grpokit.config import SupervisedTrainingConfig, dump_recipe
-from grpokit.errors import DataError, TrainingError
+from grpokit.errors import DataError
 from grpokit.log import JsonlSink
 from grpokit.io import write_json, write_text
 from grpokit.train.rundir import RunLock, check_run_dir, now_iso, prepare_run_dir
 from grpokit.train.schedule import build_optimizer
+from grpokit.train.skips import count_skips
 
 log = logging.getLogger(__name__)
 
-MAX_CONSECUTIVE_SKIPS = 5
-"""Updates skipped in a row (non-finite loss or gradient) before the run stops with an error."""
+# the end of the message when training.max_consecutive_skips updates in a row were skipped (train/skips.py)
+SKIP_REMEDY = ("the skipped updates never changed the weights, but the run saves only at its end, so nothing was "
+               "saved. Check the data for extreme values, or lower training.learning_rate, and run it again")
 EARLY_STOP_WINDOW = 10
 """Steps averaged for ``loss_threshold`` when ``eval_every`` is 0."""
 
@@ -124,18 +127,6 @@ def _evaluate(job: SupervisedJob, step: int, sink: JsonlSink) -> dict[str, float
     return metrics
 
 
-def count_skips(skipped: bool, in_a_row: int, step: int) -> int:
-    """Consecutive skipped updates after this step; MAX_CONSECUTIVE_SKIPS in a row end the run."""
-    if not skipped:
-        return 0
-    in_a_row += 1
-    log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, in_a_row)
-    if in_a_row >= MAX_CONSECUTIVE_SKIPS:
-        raise TrainingError(f"step {step}: the loss or gradient was not finite in {in_a_row} consecutive steps; "
-                            "lower training.learning_rate or check the data")
-    return in_a_row
-
-
 def below_threshold(window: deque, threshold: float | None) -> str | None:
     """Why to stop early (the window's mean loss is below ``threshold``), or None to go on."""
     if threshold is None or len(window) < window.maxlen:
@@ -177,7 +168,8 @@ def fit(job: SupervisedJob, training: SupervisedTrainingConfig, sink: JsonlSink,
         if progress:
             progress(step, total, metrics)
         summary["skipped_updates"] += int(metrics["skipped_update"])
-        consecutive_skips = count_skips(bool(metrics["skipped_update"]), consecutive_skips, step)
+        consecutive_skips = count_skips(bool(metrics["skipped_update"]), consecutive_skips, step,
+                                        training.max_consecutive_skips, SKIP_REMEDY)
         window.append(metrics["loss"])
         if training.eval_every and step % training.eval_every == 0 and step < total:
             evaluated = (step, _evaluate(job, step, sink))
