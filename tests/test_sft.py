@@ -197,7 +197,7 @@ def test_non_finite_loss_skips_the_update_and_five_in_a_row_stop(tmp_path):
 
     job = SupervisedJob(model=layer, params=list(layer.parameters()), train_examples=list(range(8)),
                         loss_fn=loss_fn, eval_fn=dict, save=lambda d: d)
-    training = SupervisedTrainingConfig(batch_size=1, epochs=1, eval_every=0)
+    training = SupervisedTrainingConfig(batch_size=1, epochs=1, eval_every=0, max_consecutive_skips=5)
     sink = JsonlSink(tmp_path / "metrics.jsonl")
     with pytest.raises(TrainingError, match="not finite in 5 consecutive steps"):
         fit(job, training, sink)
