@@ -149,7 +149,7 @@ def test_a_reward_failing_every_step_stops_the_run_by_name(tiny_model_dir, tmp_p
     recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", training={"max_steps": 5},
                          reward_shaping={"max_consecutive_failures": 2})
     recipe["rewards"] = [{"name": "toy_digits"}, {"name": "tests.test_orchestrator:t_boom"}]
-    with pytest.raises(RewardError, match="'tests.test_orchestrator:t_boom' failed on 2 consecutive steps"):
+    with pytest.raises(RewardError, match="'tests.test_orchestrator:t_boom' failed on 2 consecutive sampling rounds"):
         train(recipe_from_dict(recipe))
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "train"] == [1]  # step 1 trained on the healthy reward
