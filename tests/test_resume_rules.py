@@ -302,3 +302,19 @@ def test_sft_takes_max_consecutive_skips_from_its_recipe(tiny_model_dir, tmp_pat
         sft.run_sft(recipe)
     info = json.loads((tmp_path / "sft" / "run.json").read_text())
     assert info["status"] == "failed" and "max_consecutive_skips = 2" in info["error"]
+
+
+def test_a_run_from_before_a_new_recipe_key_resumes(cosine_run, tiny_model_dir, tmp_path):
+    """A key a newer grpokit added, at its default, is no change to a stored run (its recipe.yaml lacks it);
+    any other difference still is."""
+    import yaml
+
+    run_dir = copy_run(cosine_run, tmp_path / "old")
+    stored = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    del stored["rollout"]["backend"]
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(stored))
+    raw = cosine_recipe(tiny_model_dir, run_dir, max_steps=6)
+    assert find_resume_checkpoint(str(run_dir), recipe_from_dict(raw)).name == "step-4"
+    raw["rollout"]["temperature"] = 0.5
+    with pytest.raises(RunDirError, match="rollout.temperature"):
+        find_resume_checkpoint(str(run_dir), recipe_from_dict(raw))

@@ -13,6 +13,7 @@ stays the one a third process finds.
 
 from __future__ import annotations
 
+import copy
 import errno
 import fcntl
 import json
@@ -241,6 +242,19 @@ def recipe_changes(stored: dict, current: dict) -> list[str]:
     return sorted(key for key, _, _ in differences(stored, current) if not key.startswith(RESUMABLE_CHANGES))
 
 
+def with_defaults(stored: dict, schema) -> dict:
+    """A run's stored recipe with every field the schema has filled in: a key a newer grpokit added, at
+    its default (which keeps the old behaviour), is not a change to the run. A stored recipe the schema
+    no longer accepts is compared as written (its differences are then listed)."""
+    from grpokit.config import dump_recipe, recipe_from_dict
+    from grpokit.errors import RecipeError
+
+    try:
+        return yaml.safe_load(dump_recipe(recipe_from_dict(copy.deepcopy(stored), schema=schema)))
+    except RecipeError:
+        return stored
+
+
 def find_resume_checkpoint(output_dir: str, recipe) -> Path | None:
     """The checkpoint ``--resume`` continues from; None when there is no run yet (a fresh start).
 
@@ -272,7 +286,7 @@ def find_resume_checkpoint(output_dir: str, recipe) -> Path | None:
                           "restore it, or start a new run with --overwrite") from None
     if not isinstance(stored, dict):
         raise RunDirError(f"--resume: the run's {recipe_file} is not a recipe mapping; restore it, or use --overwrite")
-    changed = recipe_changes(stored, yaml.safe_load(dump_recipe(recipe)))
+    changed = recipe_changes(with_defaults(stored, type(recipe)), yaml.safe_load(dump_recipe(recipe)))
     if changed:
         raise RunDirError(f"--resume: the recipe differs from the run's {recipe_file} at {', '.join(changed[:5])}"
                           f"{' and more' if len(changed) > 5 else ''}; a resumed run must learn from the same recipe "
