@@ -190,3 +190,23 @@ def test_the_update_trains_only_on_the_loss_mask(char_tokenizer):
     (mb,) = split_micro_batches(out, grad_accum=1, mask_truncated=False, G=2)
     assert mb.mask_nC[:, 1].tolist() == [0, 0]
     assert torch.equal(mb.inputs[3], out.completion_mask_NC[:, :mb.inputs[3].size(1)])  # attention unchanged
+
+
+def test_backbone_and_head_are_found_under_peft_compile_and_ddp_wrappers(char_tokenizer, tmp_path):
+    import torch.distributed as dist
+
+    from grpokit.config import LoraConfig
+    from grpokit.models.parts import backbone_and_head, unwrap_model
+
+    plain = make_tiny_model(len(char_tokenizer))
+    body, head = plain.get_decoder(), plain.get_output_embeddings()
+    assert backbone_and_head(torch.compile(plain)) == (body, head)  # compiles nothing until called
+    lora = tiny_policy(char_tokenizer, lora=LoraConfig(r=2, alpha=4)).model
+    assert unwrap_model(lora) is lora.get_base_model()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(plain)
+        assert backbone_and_head(wrapped) == (body, head)
+        assert backbone_and_head(torch.nn.parallel.DistributedDataParallel(lora))[0] is lora.get_base_model().get_decoder()
+    finally:
+        dist.destroy_process_group()
