@@ -200,13 +200,14 @@ def test_backbone_and_head_are_found_under_peft_compile_and_ddp_wrappers(char_to
 
     plain = make_tiny_model(len(char_tokenizer))
     body, head = plain.get_decoder(), plain.get_output_embeddings()
-    assert backbone_and_head(torch.compile(plain)) == (body, head)  # compiles nothing until called
+    compiled = torch.compile(plain)  # compiles nothing until called
+    assert unwrap_model(compiled) is plain and backbone_and_head(compiled) == (body, head)
     lora = tiny_policy(char_tokenizer, lora=LoraConfig(r=2, alpha=4)).model
     assert unwrap_model(lora) is lora.get_base_model()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         wrapped = torch.nn.parallel.DistributedDataParallel(plain)
-        assert backbone_and_head(wrapped) == (body, head)
+        assert unwrap_model(wrapped) is plain and backbone_and_head(wrapped) == (body, head)
         assert backbone_and_head(torch.nn.parallel.DistributedDataParallel(lora))[0] is lora.get_base_model().get_decoder()
     finally:
         dist.destroy_process_group()
