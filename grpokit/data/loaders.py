@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-from grpokit.config import source_name
+from grpokit.config import DATA_FILE_SUFFIXES, source_name
 from grpokit.data.chat import check_messages
 from grpokit.data.sources import FORMATS, read_saved, read_table
 from grpokit.data.tasks import make_task
@@ -201,7 +201,7 @@ def read_source_rows(data) -> list[dict]:
 
 def is_data_file(source: str | None) -> bool:
     """Whether a data source names one file (rather than a built-in task, GSM8K or a saved folder)."""
-    return source is not None and Path(source).suffix.lower() in JSON_SUFFIXES + TABLE_SUFFIXES
+    return source is not None and Path(source).suffix.lower() in DATA_FILE_SUFFIXES
 
 
 def load_source(source: str, data, eval_size: int) -> tuple[list[dict], list[dict]]:
@@ -223,7 +223,7 @@ def load_source(source: str, data, eval_size: int) -> tuple[list[dict], list[dic
             return _split_off(train, eval_size, data.seed, source)
         test = _normalise(test, f"{source} [{test_name}]", data.prompt_field, data.answer_field)
         return train, _sample_held_out(test, eval_size, data.seed)
-    if source.lower().endswith(JSON_SUFFIXES + TABLE_SUFFIXES):
+    if is_data_file(source):
         rows = read_rows(source, data.prompt_field, data.answer_field)
         return _split_off(rows, eval_size, data.seed, source)
     if not Path(source).suffix:

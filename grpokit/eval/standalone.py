@@ -83,8 +83,9 @@ def cli_overrides(data: str | None, num_generations: int | None, pass_k: list[in
                   temperature: float | None, seed: int | None) -> list[str]:
     """The eval command's flags as recipe overrides, so they are validated like any recipe key."""
     # --data replaces the recipe's data, a single source or a mix
-    pairs = {"data.source": data, "data.sources": None if data is None else "null", "eval.num_generations": num_generations, "eval.temperature": temperature,
-             "training.seed": seed, "eval.pass_k": None if pass_k is None else "[" + ",".join(map(str, pass_k)) + "]"}
+    pairs = {"data.source": data, "data.sources": None if data is None else "null",
+             "eval.num_generations": num_generations, "eval.temperature": temperature, "training.seed": seed,
+             "eval.pass_k": None if pass_k is None else "[" + ",".join(map(str, pass_k)) + "]"}
     return [f"{key}={value}" for key, value in pairs.items() if value is not None]
 
 

@@ -128,6 +128,6 @@ class TorchSampler:
             completion_ids_NC=completion_NC,
             completion_mask_NC=completion_mask_NC,
             truncated_N=~is_eos_NC.any(dim=1),
-            loss_mask_NC=completion_mask_NC.clone(),  # one turn: every kept token is the policy's own
+            # loss_mask_NC defaults to the completion mask: in one turn every kept token is the policy's own
             sampling_logprobs_NC=torch.stack(logprobs, dim=1) * completion_mask_NC,
         )

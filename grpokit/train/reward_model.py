@@ -36,7 +36,7 @@ from typing import Any
 from grpokit.data.chat import with_system
 from grpokit.data.pairs import read_preference_rows
 from grpokit.models.reward_head import FORMAT, RewardScorer, build_head, encode_scored, save_reward_model
-from grpokit.train.sft import add_stage_arguments, run_stage_command
+from grpokit.train.sft import add_stage_command, run_stage_command
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +167,5 @@ def cmd_reward_model(args) -> int:
 
 
 def add_reward_model_command(subparsers) -> None:
-    """``grpokit reward-model RECIPE [--set KEY=VALUE ...] [--overwrite]``."""
-    parser = subparsers.add_parser("reward-model", help="train a reward model (scalar head, Bradley-Terry loss) on "
-                                                        "preference pairs; usable as a GRPO reward")
-    add_stage_arguments(parser)
-    parser.set_defaults(func=cmd_reward_model)
+    add_stage_command(subparsers, "reward-model", "train a reward model (scalar head, Bradley-Terry loss) on "
+                                                  "preference pairs; usable as a GRPO reward", cmd_reward_model)

@@ -266,8 +266,11 @@ def run_sft(recipe, overwrite: bool = False, progress=None) -> Path:
 # ---------------------------------------------------------------------------- CLI
 
 
-def add_stage_arguments(parser) -> None:
-    """The arguments ``grpokit sft`` and ``grpokit reward-model`` share."""
+def add_stage_command(subparsers, name: str, help: str, func) -> None:
+    """``grpokit NAME RECIPE [--set KEY=VALUE ...] [--overwrite]``: the command line ``grpokit sft`` and
+    ``grpokit reward-model`` share, running ``func(args)``."""
+    parser = subparsers.add_parser(name, help=help)
+    parser.set_defaults(func=func)
     parser.add_argument("recipe", help="path to a YAML recipe (see recipes/)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe field, e.g. --set training.max_steps=10 (repeatable)")
@@ -305,8 +308,5 @@ def cmd_sft(args) -> int:
 
 
 def add_sft_command(subparsers) -> None:
-    """``grpokit sft RECIPE [--set KEY=VALUE ...] [--overwrite]``."""
-    parser = subparsers.add_parser("sft", help="supervised fine-tuning on chat samples (assistant tokens only); "
-                                               "the adapter is a GRPO recipe's model.adapter")
-    add_stage_arguments(parser)
-    parser.set_defaults(func=cmd_sft)
+    add_stage_command(subparsers, "sft", "supervised fine-tuning on chat samples (assistant tokens only); the "
+                                         "adapter is a GRPO recipe's model.adapter", cmd_sft)
