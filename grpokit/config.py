@@ -57,16 +57,23 @@ class ModelConfig(Section):
     adapter: str | None = None
     """A LoRA adapter (e.g. from `grpokit sft`) merged into the base before training: the run starts
     from that model, and with beta > 0 it is also the KL reference."""
-    freeze: list[str] = Field(default_factory=list)
-    """Regular expressions of module names to keep frozen (e.g. ["embed_tokens", "layers\\.[0-3]\\."]):
-    with LoRA no adapter goes there, with full fine-tuning their weights get no gradient."""
+    freeze: list[str] | None = None
+    """Parts to keep frozen: the roles vision, projector and language_model of a vision-language model, or
+    regular expressions of module names (e.g. ["embed_tokens", "layers\\.[0-3]\\."]): with LoRA no adapter
+    goes there, with full fine-tuning their weights get no gradient. Default (null): a VLM's vision tower and
+    projector ([vision, projector], as ms-swift and verl do), nothing for a text model; [] freezes nothing."""
+    min_pixels: int | None = Field(None, ge=1)
+    """A VLM's image processor: the fewest pixels an image is resized to (Qwen's min_pixels); null: its own."""
+    max_pixels: int | None = Field(None, ge=1)
+    """A VLM's image processor: the most pixels an image keeps (Qwen's max_pixels; Idefics3/SmolVLM: a longest
+    edge of sqrt(max_pixels)); fewer pixels, fewer image tokens. null: the processor's own setting."""
 
     @field_validator("freeze")
     @classmethod
-    def _patterns_compile(cls, value: list[str]) -> list[str]:
+    def _patterns_compile(cls, value: list[str] | None) -> list[str] | None:
         import re
 
-        for pattern in value:
+        for pattern in value or ():
             try:
                 re.compile(pattern)
             except re.error as exc:

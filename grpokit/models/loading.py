@@ -22,6 +22,8 @@ import torch
 from grpokit.config import DEFAULT_MODEL
 from grpokit.errors import ModelError
 from grpokit.models.gguf import convert_gguf, embedded_gguf
+from grpokit.models.processors import is_multimodal_dir, load_processor
+from grpokit.models.vision import DEFAULT_FROZEN, is_multimodal, language_model_layers, role_patterns
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -149,6 +151,23 @@ def lora_targets(model, lora) -> list[str] | str:
                    if isinstance(module, torch.nn.Linear) and module is not output})
 
 
+def language_model_lora_targets(model, lora) -> str:
+    """A VLM's LoRA targets as one full-match regex over module names: linear layers inside the language
+    model's blocks only (never the vision tower or the projector), in its last ``last_k_layers`` blocks
+    when set. PEFT's ``layers_to_transform`` would count the first block list it meets, the vision one."""
+    layers, total = language_model_layers(model)
+    k = lora.last_k_layers
+    if k is not None and k > total:
+        raise ModelError(f"model.lora.last_k_layers = {k}, but the language model has only {total} blocks")
+    blocks = "|".join(str(i) for i in range(total - (k or total), total))
+    if lora.target_modules == "all-linear":
+        names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                        if isinstance(module, torch.nn.Linear) and name.startswith(layers + ".")})
+    else:
+        names = list(lora.target_modules)
+    return re.escape(layers) + rf"\.(?:{blocks})\.(?:.*\.)?(?:{'|'.join(map(re.escape, names))})"
+
+
 def _matching(names: list[str], patterns: list[str]) -> list[str]:
     for pattern in patterns:
         if not any(re.search(pattern, name) for name in names):
@@ -191,6 +210,10 @@ def merge_adapter(model, adapter: str):
 def wrap_policy(model, processor, model_cfg, beta: float, device: torch.device, merge_lora: bool = False) -> Policy:
     """Add LoRA (or keep full fine-tuning), pick the reference, and bundle it all as a Policy."""
     dtype = DTYPES[model_cfg.dtype]
+    multimodal = is_multimodal(model)
+    # a VLM keeps its vision tower and projector frozen unless the recipe says otherwise (model.freeze: [])
+    freeze = role_patterns(model, list(DEFAULT_FROZEN) if model_cfg.freeze is None and multimodal
+                           else model_cfg.freeze or [])
     tokenizer = getattr(processor, "tokenizer", processor)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -203,16 +226,19 @@ def wrap_policy(model, processor, model_cfg, beta: float, device: torch.device, 
         model = model.to(device=device, dtype=dtype)
         if merge_lora:
             merged = copy.deepcopy(model).eval().requires_grad_(False)
+        if multimodal:  # the language model's blocks only, counted as its own blocks
+            targets, layers = language_model_lora_targets(model, lora), None
+        else:
+            targets, layers = lora_targets(model, lora), last_layers(model, lora.last_k_layers)
         config = LoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            target_modules=lora_targets(model, lora), task_type="CAUSAL_LM",
-            layers_to_transform=last_layers(model, lora.last_k_layers),
-            exclude_modules=frozen_modules_regex(model, model_cfg.freeze),
+            target_modules=targets, task_type="CAUSAL_LM", layers_to_transform=layers,
+            exclude_modules=frozen_modules_regex(model, freeze),
         )
         model = get_peft_model(model, config)  # adapters stay fp32 (autocast_adapter_dtype)
     else:
         model = model.to(device=device, dtype=torch.float32)
-        freeze_parameters(model, model_cfg.freeze)
+        freeze_parameters(model, freeze)
         if beta > 0:
             reference = copy.deepcopy(model).to(dtype=dtype).eval().requires_grad_(False)
     model.config.use_cache = True
@@ -221,18 +247,21 @@ def wrap_policy(model, processor, model_cfg, beta: float, device: torch.device, 
 
 def load_policy(model_cfg, beta: float, merge_lora: bool = False) -> Policy:
     """Load the recipe's model and tokenizer and wrap them for training."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     source = resolve_model_dir(model_cfg.path)
     device = pick_device(model_cfg.device)
     attention = choose_attention(model_cfg.attn_implementation, device)
     kwargs = {"trust_remote_code": model_cfg.trust_remote_code}
+    multimodal = is_multimodal_dir(source)
+    model_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, attn_implementation=attention, **kwargs)
+        processor = load_processor(source, multimodal, model_cfg.trust_remote_code,
+                                   min_pixels=model_cfg.min_pixels, max_pixels=model_cfg.max_pixels)
+        model = model_class.from_pretrained(source, dtype=torch.float32, attn_implementation=attention, **kwargs)
     except OSError as exc:
         raise ModelError(f"model.path {model_cfg.path!r}: cannot load ({exc})") from None
-    tokenizer.padding_side = "left"
+    getattr(processor, "tokenizer", processor).padding_side = "left"
     if model_cfg.adapter:
         model = merge_adapter(model, model_cfg.adapter)
-    return wrap_policy(model, tokenizer, model_cfg, beta, device, merge_lora)
+    return wrap_policy(model, processor, model_cfg, beta, device, merge_lora)
