@@ -173,7 +173,7 @@ def test_every_declared_dependency_is_imported():
     import re
     import tomllib
 
-    module_of = {"PyYAML": "yaml", "math-verify": "math_verify"}
+    module_of = {"PyYAML": "yaml", "math-verify": "math_verify", "pillow": "PIL"}
     used_through = {"gguf": "transformers reads the embedded GGUF model with it (models/gguf.py)"}
     declared = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]["dependencies"]
     imported = set()
