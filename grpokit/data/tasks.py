@@ -48,15 +48,23 @@ def make_task(name: str, train_size: int, eval_size: int, seed: int) -> tuple[li
     """Generate disjoint train and held-out rows: no held-out prompt appears in training."""
     if name not in TASKS:
         raise DataError(f"unknown built-in task {name!r} (data.source: builtin:{name}); choose one of {sorted(TASKS)}")
-    generate = TASKS[name]
-    held_out: dict[str, Row] = {}
+    return split_generated(TASKS[name], train_size, eval_size, seed, key=lambda row: row["prompt"],
+                           what=f"task {name!r} has fewer than {eval_size} distinct questions")
+
+
+def split_generated(generate: Callable[[random.Random], Row], train_size: int, eval_size: int, seed: int,
+                    key: Callable[[Row], object], what: str) -> tuple[list[Row], list[Row]]:
+    """``eval_size`` held-out rows distinct by ``key``, then ``train_size`` training rows whose key is
+    not held out, all from one seeded stream; ``what`` is the DataError when the task runs out of
+    distinct rows."""
+    held_out: dict[object, Row] = {}
     rng = random.Random(seed)
     attempts = 0
     while len(held_out) < eval_size:
         row = generate(rng)
-        held_out.setdefault(row["prompt"], row)
+        held_out.setdefault(key(row), row)
         attempts += 1
         if attempts > 100 * (eval_size + 1):
-            raise DataError(f"task {name!r} has fewer than {eval_size} distinct questions; lower data.eval_size")
-    train = [row for row in (generate(rng) for _ in range(train_size * 2)) if row["prompt"] not in held_out][:train_size]
+            raise DataError(f"{what}; lower data.eval_size")
+    train = [row for row in (generate(rng) for _ in range(train_size * 2)) if key(row) not in held_out][:train_size]
     return train, list(held_out.values())
