@@ -14,7 +14,8 @@ from PIL import Image
 
 from conftest import make_char_tokenizer, make_tiny_model
 from grpokit.models.assemble import FAMILIES, assemble, idefics_image_tokens, save_model
-from grpokit.models.processors import is_multimodal_dir, load_processor
+from grpokit.models.processors import load_processor
+from grpokit.models.vision import is_multimodal
 
 TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 4096, "tie_word_embeddings": False}
@@ -41,7 +42,7 @@ def saved_vlm(request, tmp_path_factory):
 
 def test_each_family_reloads_and_decodes_with_image_tokens_matching_features(saved_vlm):
     family, model, directory = saved_vlm
-    assert is_multimodal_dir(str(directory))
+    assert is_multimodal(model)
     processor = load_processor(str(directory), multimodal=True)
     images = [Image.new("RGB", (64, 48), (200, 20, 20)), Image.new("RGB", (40, 64), (20, 20, 200))]
     inputs = encode(processor, images, family)
@@ -88,9 +89,13 @@ def test_a_language_model_is_copied_into_the_vlm():
     assert model.get_decoder().embed_tokens.weight.size(0) == len(tokenizer) > head.size(0)  # the image tokens
 
 
-def test_a_text_model_directory_is_not_multimodal(tiny_model_dir):
-    assert not is_multimodal_dir(str(tiny_model_dir))
-    assert load_processor(str(tiny_model_dir), multimodal=False).eos_token == "<|im_end|>"
+def test_a_text_model_loads_as_a_causal_lm_with_its_tokenizer(tiny_model_dir):
+    from grpokit.config import ModelConfig
+    from grpokit.models import load_policy
+
+    policy = load_policy(ModelConfig(path=str(tiny_model_dir), dtype="float32", device="cpu"), beta=0.0)
+    assert not is_multimodal(policy.model) and policy.processor is policy.tokenizer
+    assert policy.tokenizer.eos_token == "<|im_end|>"
 
 
 def lora_module_names(policy) -> list[str]:

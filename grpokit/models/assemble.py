@@ -51,15 +51,6 @@ def _transformers_class(name: str):
     return getattr(transformers, name)
 
 
-def _image_processor_class(name: str):
-    import importlib
-
-    family = {"Qwen2VLImageProcessorPil": "qwen2_vl", "Idefics3ImageProcessorPil": "idefics3",
-              "SmolVLMImageProcessorPil": "smolvlm"}[name]
-    module = importlib.import_module(f"transformers.models.{family}.image_processing_pil_{family}")
-    return getattr(module, name)
-
-
 def add_image_tokens(tokenizer, family: str) -> dict[str, int]:
     """The family's image special tokens added to ``tokenizer``; their ids by name."""
     tokens = QWEN_TOKENS if family.startswith("qwen") else IDEFICS_TOKENS
@@ -71,11 +62,11 @@ def add_image_tokens(tokenizer, family: str) -> dict[str, int]:
 
 def build_processor(family: str, tokenizer, image_size: int = 64, default_system: str | None = None):
     """The family's processor around ``tokenizer`` (its image tokens added), sized for ``image_size`` pixels a side."""
-    from grpokit.models.processors import image_only_processor
+    from grpokit.models.processors import image_only_processor, pil_image_processor
 
     _, _, processor_name, image_processor_name = FAMILIES[family]
     add_image_tokens(tokenizer, family)
-    image_processor_class = _image_processor_class(image_processor_name)
+    image_processor_class = pil_image_processor(image_processor_name)
     if family.startswith("qwen"):
         # patches of 14 (16 for Qwen3) merged 2x2: image_size**2 pixels give (image_size / 28)**2 tokens
         patch = 16 if family == "qwen3_vl" else 14

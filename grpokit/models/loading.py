@@ -22,8 +22,8 @@ import torch
 from grpokit.config import DEFAULT_MODEL
 from grpokit.errors import ModelError
 from grpokit.models.gguf import convert_gguf, embedded_gguf
-from grpokit.models.processors import is_multimodal_dir, load_processor
-from grpokit.models.vision import DEFAULT_FROZEN, is_multimodal, language_model_layers, role_patterns
+from grpokit.models.processors import load_processor
+from grpokit.models.vision import is_multimodal, language_model_layers, role_patterns
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -147,8 +147,13 @@ def lora_targets(model, lora) -> list[str] | str:
     if lora.target_modules != "all-linear" or lora.last_k_layers is None:
         return lora.target_modules
     output = model.get_output_embeddings()
+    return linear_names(model, lambda name, module: module is not output)
+
+
+def linear_names(model, keep) -> list[str]:
+    """The last name segments of the model's linear layers that ``keep(name, module)`` accepts."""
     return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                   if isinstance(module, torch.nn.Linear) and module is not output})
+                   if isinstance(module, torch.nn.Linear) and keep(name, module)})
 
 
 def language_model_lora_targets(model, lora) -> str:
@@ -160,11 +165,8 @@ def language_model_lora_targets(model, lora) -> str:
     if k is not None and k > total:
         raise ModelError(f"model.lora.last_k_layers = {k}, but the language model has only {total} blocks")
     blocks = "|".join(str(i) for i in range(total - (k or total), total))
-    if lora.target_modules == "all-linear":
-        names = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                        if isinstance(module, torch.nn.Linear) and name.startswith(layers + ".")})
-    else:
-        names = list(lora.target_modules)
+    names = (linear_names(model, lambda name, _: name.startswith(layers + "."))
+             if lora.target_modules == "all-linear" else list(lora.target_modules))
     return re.escape(layers) + rf"\.(?:{blocks})\.(?:.*\.)?(?:{'|'.join(map(re.escape, names))})"
 
 
@@ -211,9 +213,7 @@ def wrap_policy(model, processor, model_cfg, beta: float, device: torch.device, 
     """Add LoRA (or keep full fine-tuning), pick the reference, and bundle it all as a Policy."""
     dtype = DTYPES[model_cfg.dtype]
     multimodal = is_multimodal(model)
-    # a VLM keeps its vision tower and projector frozen unless the recipe says otherwise (model.freeze: [])
-    freeze = role_patterns(model, list(DEFAULT_FROZEN) if model_cfg.freeze is None and multimodal
-                           else model_cfg.freeze or [])
+    freeze = role_patterns(model, model_cfg.freeze)
     tokenizer = getattr(processor, "tokenizer", processor)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -247,15 +247,16 @@ def wrap_policy(model, processor, model_cfg, beta: float, device: torch.device, 
 
 def load_policy(model_cfg, beta: float, merge_lora: bool = False) -> Policy:
     """Load the recipe's model and tokenizer and wrap them for training."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     source = resolve_model_dir(model_cfg.path)
     device = pick_device(model_cfg.device)
     attention = choose_attention(model_cfg.attn_implementation, device)
     kwargs = {"trust_remote_code": model_cfg.trust_remote_code}
-    multimodal = is_multimodal_dir(source)
-    model_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
     try:
+        # a vision part in the config (a local directory or a hub id alike) makes it a vision-language model
+        multimodal = hasattr(AutoConfig.from_pretrained(source, **kwargs), "vision_config")
+        model_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
         processor = load_processor(source, multimodal, model_cfg.trust_remote_code,
                                    min_pixels=model_cfg.min_pixels, max_pixels=model_cfg.max_pixels)
         model = model_class.from_pretrained(source, dtype=torch.float32, attn_implementation=attention, **kwargs)

@@ -41,14 +41,6 @@ def image_only_processor(processor_class, image_processor, tokenizer, chat_templ
     return cls(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **kwargs)
 
 
-def is_multimodal_dir(source: str) -> bool:
-    """Whether a model directory holds a VLM (its config has a vision part)."""
-    config = Path(source) / "config.json"
-    if not config.is_file():
-        return False
-    return "vision_config" in json.loads(config.read_text())
-
-
 def load_processor(source: str, multimodal: bool, trust_remote_code: bool = False, **image_options):
     """The tokenizer (text model) or the processor (VLM) of ``source``; ``image_options`` (min_pixels,
     max_pixels) go to the image processor."""
@@ -77,8 +69,8 @@ def _compose_processor(source: str, trust_remote_code: bool, image_options: dict
     if processor_class is None:
         raise ModelError(f"model.path {source!r}: unknown processor class {name!r} in processor_config.json")
     image_config = dict(config.get("image_processor") or {})
-    image_class_name = image_config.pop("image_processor_type", "").removesuffix("Fast")
-    image_class = _pil_image_processor(image_class_name)
+    image_class_name = image_config.pop("image_processor_type", "")
+    image_class = pil_image_processor(image_class_name)
     image_config.pop("processor_class", None)
     image_processor = image_class(**{**image_config, **_image_options(image_class_name, image_options)})
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -101,17 +93,18 @@ def _idefics_image_seq_len(source: str) -> int:
     return (vision["image_size"] // vision["patch_size"]) ** 2 // config.get("scale_factor", 2) ** 2
 
 
-def _pil_image_processor(name: str):
-    """The PIL (torchvision-free) image processor class for a saved ``image_processor_type``."""
+def pil_image_processor(name: str):
+    """The PIL (torchvision-free) image processor class for an ``image_processor_type`` (``Qwen2VLImageProcessor``,
+    its ``...Fast`` or its ``...Pil`` name)."""
     import importlib
 
     import transformers
 
+    pil_name = name.removesuffix("Fast").removesuffix("Pil") + "Pil"
     for module_name in ("qwen2_vl", "idefics3", "smolvlm"):
         module = importlib.import_module(f"transformers.models.{module_name}.image_processing_pil_{module_name}")
-        for candidate in (f"{name}Pil", name.replace("ImageProcessor", "ImageProcessorPil")):
-            if hasattr(module, candidate):
-                return getattr(module, candidate)
+        if hasattr(module, pil_name):
+            return getattr(module, pil_name)
     found = getattr(transformers, name, None)
     if found is None:
         raise ModelError(f"no image processor {name!r} in this transformers")

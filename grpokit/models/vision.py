@@ -43,9 +43,12 @@ def role_prefix(model, role: str) -> str:
     return path
 
 
-def role_patterns(model, entries: list[str]) -> list[str]:
+def role_patterns(model, entries: list[str] | None) -> list[str]:
     """``model.freeze`` entries as regular expressions of module names: a role name becomes its module path
-    (anchored, so ``vision`` never matches a language-model module), anything else stays a regex."""
+    (anchored, so ``vision`` never matches a language-model module), anything else stays a regex. None (the
+    default): a VLM's vision tower and projector, nothing of a text model."""
+    if entries is None:
+        entries = list(DEFAULT_FROZEN) if is_multimodal(model) else []
     patterns = []
     for entry in entries:
         if entry in ROLE_NAMES:
