@@ -144,16 +144,15 @@ def test_sampler_state_round_trip_reproduces_samples(char_tokenizer):
     assert not torch.equal(sampler.generate(batch, 2).completion_ids_NC, first)  # the stream moved on
 
 
-def test_unknown_backend_and_image_inputs_are_refused(char_tokenizer):
-    from grpokit.errors import ModelError, RecipeError
+def test_unknown_backend_and_images_for_a_text_model_are_refused(char_tokenizer):
+    from grpokit.errors import DataError, RecipeError
+    from grpokit.rollout import PromptEncoder
 
     policy = tiny_policy(char_tokenizer)
     with pytest.raises(RecipeError, match="rollout.backend 'vllm'"):
         build_sampler(policy, "vllm", max_new_tokens=4)
-    batch = encode(char_tokenizer, ["abc"])
-    batch.multimodal = {"pixel_values": torch.zeros(1, 3, 4, 4)}
-    with pytest.raises(ModelError, match="pixel_values"):
-        sampler_of(policy, 4).generate(batch, 2)
+    with pytest.raises(DataError, match="model reads text only"):
+        PromptEncoder(char_tokenizer, chat_template=False)([{"prompt": "abc", "images": [b"png"]}])
 
 
 def test_concat_and_select_carry_the_loss_mask_and_sampling_logprobs(char_tokenizer):

@@ -40,6 +40,7 @@ class ReplayGroup:
     step: int  # training step that generated it
     loss_mask_GC: torch.Tensor | None = None  # [G, C] tokens the policy generated (None: the completion mask)
     sampling_logprobs_GC: torch.Tensor | None = None  # [G, C] log-probs at sampling time, when the sampler gave them
+    prompt_inputs: dict | None = None  # a vision-language prompt's image inputs (processor output), else None
 
     @property
     def score(self) -> float:
@@ -127,7 +128,8 @@ def groups_from_batch(prompt_ids_NP: torch.Tensor, prompt_mask_NP: torch.Tensor,
                       completion_mask_NC: torch.Tensor, truncated_N: torch.Tensor, rewards_N: torch.Tensor,
                       advantages_N: torch.Tensor, rows: list[dict], group_size: int, step: int,
                       loss_mask_NC: torch.Tensor | None = None,
-                      sampling_logprobs_NC: torch.Tensor | None = None) -> list[ReplayGroup]:
+                      sampling_logprobs_NC: torch.Tensor | None = None,
+                      prompt_inputs_N: list[dict] | None = None) -> list[ReplayGroup]:
     """Split an ``N = B*G`` batch into B groups; rows ``[i*G, (i+1)*G)`` belong to ``rows[i]``.
 
     Every tensor is cloned, so later in-place edits of the batch cannot reach the buffer
@@ -158,5 +160,7 @@ def groups_from_batch(prompt_ids_NP: torch.Tensor, prompt_mask_NP: torch.Tensor,
             row=dict(row), step=step,  # a copy: the dataset's row may be reused
             loss_mask_GC=None if loss_mask_NC is None else loss_mask_NC[rows_G, completion_cols].clone(),
             sampling_logprobs_GC=(None if sampling_logprobs_NC is None
-                                  else sampling_logprobs_NC[rows_G, completion_cols].clone())))
+                                  else sampling_logprobs_NC[rows_G, completion_cols].clone()),
+            # per-prompt inputs are never padded or edited in place, so the group shares them
+            prompt_inputs=None if prompt_inputs_N is None else prompt_inputs_N[i * G]))
     return groups

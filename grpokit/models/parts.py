@@ -24,6 +24,10 @@ def unwrap_model(model):
 
 
 def backbone_and_head(model):
-    """The transformer body and the output projection of a causal LM, wrapped or not."""
+    """The transformer body and the output projection of a causal LM or a vision-language model, wrapped
+    or not. A VLM's ``get_decoder()`` is its text-only language model; its body is the multimodal model
+    that merges image features into the embeddings and then runs that language model, so image inputs
+    reach it, and text-only inputs pass through unchanged."""
     base = unwrap_model(model)
-    return base.get_decoder(), base.get_output_embeddings()
+    body = base.model if hasattr(base.config, "vision_config") else base.get_decoder()
+    return body, base.get_output_embeddings()

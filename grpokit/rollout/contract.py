@@ -35,6 +35,9 @@ class Rollouts:
     # [N, C] fp32 log p(token) under the sampling model's own distribution at sampling time (0 off the loss
     # mask): an importance correction's denominator when a backend samples with other numerics
     sampling_logprobs_NC: torch.Tensor | None = None
+    # [N] a vision-language prompt's image inputs as its processor gave them (one dict per prompt, shared
+    # by reference across its group); None for a text model. The log-prob passes need them again.
+    prompt_inputs_N: list[dict] | None = None
 
     def __post_init__(self):
         if self.loss_mask_NC is None:
@@ -50,8 +53,13 @@ class Rollouts:
 
     def select(self, rows_M: torch.Tensor) -> "Rollouts":
         """The sequences at ``rows_M``, in that order."""
-        return Rollouts(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows_M]
-                           for f in fields(self)})
+        return Rollouts(**{f.name: _pick(getattr(self, f.name), rows_M) for f in fields(self)})
+
+
+def _pick(value, rows_M: torch.Tensor):
+    if value is None or isinstance(value, torch.Tensor):
+        return None if value is None else value[rows_M]
+    return [value[i] for i in rows_M.tolist()]
 
 
 def _pad_to(x_NW: torch.Tensor, width: int, value: float, left: bool) -> torch.Tensor:
@@ -68,6 +76,7 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
     P = max(r.prompt_ids_NP.size(1) for r in parts)
     C = max(r.completion_ids_NC.size(1) for r in parts)
     sampled = all(r.sampling_logprobs_NC is not None for r in parts)
+    multimodal = any(r.prompt_inputs_N is not None for r in parts)
     return Rollouts(
         prompt_ids_NP=torch.cat([_pad_to(r.prompt_ids_NP, P, pad_id, left=True) for r in parts]),
         prompt_mask_NP=torch.cat([_pad_to(r.prompt_mask_NP, P, 0, left=True) for r in parts]),
@@ -77,6 +86,9 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
         loss_mask_NC=torch.cat([_pad_to(r.loss_mask_NC, C, 0, left=False) for r in parts]),
         sampling_logprobs_NC=(torch.cat([_pad_to(r.sampling_logprobs_NC, C, 0.0, left=False) for r in parts])
                               if sampled else None),
+        # a text prompt in a vision-language run has no image inputs: an empty dict each
+        prompt_inputs_N=([inputs for r in parts for inputs in (r.prompt_inputs_N or [{}] * len(r.truncated_N))]
+                         if multimodal else None),
     )
 
 

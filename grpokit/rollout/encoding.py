@@ -14,6 +14,8 @@ from typing import Any
 import torch
 
 from grpokit.data.chat import prompt_messages, render_chat
+from grpokit.data.images import PLACEHOLDER, message_text, open_images, with_image_blocks
+from grpokit.errors import DataError
 from grpokit.models.padding import left_pad
 
 
@@ -24,8 +26,9 @@ class PromptBatch:
     input_ids_BP: torch.Tensor  # [B, P] left-padded
     attention_mask_BP: torch.Tensor  # [B, P] 1 on real prompt tokens
     rows: list[dict] = field(default_factory=list)  # the dataset row of each prompt (metadata, reward columns)
-    # whatever a multimodal processor returns beside the ids (pixel values, image grid sizes), as it returns it
-    multimodal: dict[str, Any] = field(default_factory=dict)
+    # a vision-language model's image inputs, one dict per prompt as its processor returned them (pixel
+    # values, image grid sizes, token types; unpadded); None for a text model
+    multimodal: list[dict] | None = None
     truncated: int = 0  # prompts cut to the length limit
 
     def __len__(self) -> int:
@@ -34,7 +37,12 @@ class PromptBatch:
 
 @dataclass
 class PromptEncoder:
-    """How the recipe turns a row's prompt into token ids, bound to the policy's processor."""
+    """How the recipe turns a row's prompt into token ids, bound to the policy's processor.
+
+    A multimodal processor (one with an image processor) encodes every row on its own, its
+    images decoded then and there: a batch holds decoded pixels only while it is encoded, and
+    each prompt's image inputs stay separate, so a group, a replayed group or a micro-batch
+    can pick its own (``models.multimodal.collate`` stacks them)."""
 
     processor: Any  # a tokenizer, or a multimodal processor holding one
     chat_template: bool = True
@@ -45,22 +53,70 @@ class PromptEncoder:
     def tokenizer(self):
         return getattr(self.processor, "tokenizer", self.processor)
 
-    def token_ids(self, prompt: str | list[dict], where: str = "<prompt>") -> list[int]:
-        """One prompt's token ids, uncut."""
+    @property
+    def multimodal(self) -> bool:
+        return getattr(self.processor, "image_processor", None) is not None
+
+    def _text(self, messages: list[dict] | str, where: str) -> str:
+        """The prompt as the model reads it: through the chat template (the processor's, for a VLM), or
+        the messages' text joined when the recipe turns the template off."""
         tokenizer = self.tokenizer
-        if self.chat_template and tokenizer.chat_template is not None:
-            text = render_chat(tokenizer, prompt_messages(prompt, self.system_prompt), where, generation_prompt=True)
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
-        text = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-        return tokenizer(text)["input_ids"]
+        template = getattr(self.processor, "chat_template", None) or tokenizer.chat_template
+        if self.chat_template and template is not None:
+            return render_chat(tokenizer, prompt_messages(messages, self.system_prompt), where,
+                               generation_prompt=True, template=template)
+        if isinstance(messages, str):
+            return messages
+        image = getattr(self.processor, "image_token", PLACEHOLDER)
+        return "\n".join(part.get("text", "") if part.get("type") == "text" else image
+                         for m in messages for part in _blocks(m["content"]))
+
+    def encode(self, row: dict, where: str = "<prompt>") -> tuple[list[int], dict]:
+        """One row's prompt token ids (uncut) and its image inputs (empty for a text model)."""
+        if not self.multimodal:
+            if row.get("images"):
+                raise DataError(f"{where}: the row has {len(row['images'])} image(s), but the model reads text "
+                                "only; use a vision-language model (model.name) or drop the images")
+            text = self._text(row["prompt"], where)
+            if self.chat_template and self.tokenizer.chat_template is not None:
+                return self.tokenizer(text, add_special_tokens=False)["input_ids"], {}
+            return self.tokenizer(text)["input_ids"], {}
+        refs = row.get("images") or []
+        text = self._text(with_image_blocks(row["prompt"], len(refs), where), where)
+        options = {"return_mm_token_type_ids": True} if "mm_token_type_ids" in self.processor.model_input_names else {}
+        out = self.processor(text=[text], images=open_images(refs) if refs else None, return_tensors="pt",
+                             add_special_tokens=False, **options)
+        inputs = {key: value for key, value in out.items() if key not in ("input_ids", "attention_mask")}
+        return out["input_ids"][0].tolist(), inputs
+
+    def token_ids(self, row: dict, where: str = "<prompt>") -> list[int]:
+        """One row's prompt token ids, uncut."""
+        return self.encode(row, where)[0]
 
     def __call__(self, rows: list[dict]) -> PromptBatch:
-        """The rows' prompts as one left-padded batch, each cut to ``max_length`` from the left."""
-        encoded, truncated = [], 0
+        """The rows' prompts as one left-padded batch, each cut to ``max_length`` from the left; a prompt
+        with images is never cut (its image tokens must stay whole), so it is refused instead."""
+        encoded, images, truncated = [], [], 0
         for row in rows:
-            ids = self.token_ids(row["prompt"])
+            ids, inputs = self.encode(row)
             if len(ids) > self.max_length:
+                if any(key.startswith("pixel") for key in inputs):
+                    raise DataError(f"a prompt with images has {len(ids)} tokens, over rollout.max_prompt_length = "
+                                    f"{self.max_length}; raise the limit or lower model.max_pixels "
+                                    f"(prompt: {message_text(_last_content(row['prompt']))[:60]!r})")
                 ids, truncated = ids[-self.max_length:], truncated + 1
+                inputs = {key: (value[:, -self.max_length:] if key.endswith("token_type_ids") else value)
+                          for key, value in inputs.items()}
             encoded.append(ids)
+            images.append(inputs)
         ids_BP, mask_BP = left_pad(encoded, self.tokenizer.pad_token_id)
-        return PromptBatch(ids_BP, mask_BP, rows=list(rows), truncated=truncated)
+        return PromptBatch(ids_BP, mask_BP, rows=list(rows), multimodal=images if self.multimodal else None,
+                           truncated=truncated)
+
+
+def _blocks(content) -> list[dict]:
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+
+
+def _last_content(prompt):
+    return prompt if isinstance(prompt, str) else prompt[-1].get("content")

@@ -18,6 +18,7 @@ import inspect
 
 import torch
 
+from grpokit.models.multimodal import collate, positions_after, prompt_positions
 from grpokit.models.parts import backbone_and_head
 
 
@@ -59,19 +60,23 @@ def run_backbone(backbone, cache=None, **inputs):
 
 
 def completion_logprobs(model, prompt_ids_NP, prompt_mask_NP, completion_ids_NC, completion_mask_NC,
-                        with_entropy: bool = False, group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        prompt_inputs_N: list[dict] | None = None, with_entropy: bool = False,
+                        group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Score each completion token given its prompt and the completion tokens before it.
 
     With ``group_size`` G > 1 (rows ``[i*G, (i+1)*G)`` share a prompt) the prompt goes
     through the model once per group and its KV cache is repeated G times, so a group of
     8 completions pays for its prompt once instead of 8 times; gradients flow back through
     the shared prefix. The result equals the plain forward up to float noise (tested).
+
+    ``prompt_inputs_N`` holds each row's image inputs (a vision-language model's prompts); they
+    take the prefix path always, so image features are computed once per prompt (per group).
     """
     C = completion_ids_NC.size(1)
     backbone, head = backbone_and_head(model)
-    if group_size > 1:
+    if group_size > 1 or prompt_inputs_N is not None:
         hidden_NCH = _shared_prefix_hidden(backbone, prompt_ids_NP, prompt_mask_NP, completion_ids_NC,
-                                           completion_mask_NC, group_size)
+                                           completion_mask_NC, group_size, prompt_inputs_N)
     else:
         input_ids_NL = torch.cat([prompt_ids_NP, completion_ids_NC], dim=1)  # [N, P + C]
         mask_NL = torch.cat([prompt_mask_NP, completion_mask_NC], dim=1)  # [N, P + C]
@@ -83,19 +88,29 @@ def completion_logprobs(model, prompt_ids_NP, prompt_mask_NP, completion_ids_NC,
     return token_logprobs(head_logits(head, hidden_NCH), completion_ids_NC, with_entropy=with_entropy)
 
 
+def prefill(backbone, prompt_ids_BP, prompt_mask_BP, prompt_inputs_B: list[dict] | None = None):
+    """The prompts through the body once: ``(hidden [B, P, H], KV cache, positions [..., B, P])``, image
+    inputs (if any) stacked for the batch and their positions as the family counts them."""
+    inputs = collate(prompt_inputs_B, prompt_ids_BP.size(1)) if prompt_inputs_B else {}
+    inputs = {key: value.to(prompt_ids_BP.device) for key, value in inputs.items()}
+    pos_XBP = prompt_positions(backbone, prompt_ids_BP, prompt_mask_BP, inputs)
+    hidden_BPH, cache = run_backbone(backbone, input_ids=prompt_ids_BP, attention_mask=prompt_mask_BP,
+                                     position_ids=pos_XBP, **inputs)
+    return hidden_BPH, cache, pos_XBP
+
+
 def _shared_prefix_hidden(backbone, prompt_ids_NP, prompt_mask_NP, completion_ids_NC, completion_mask_NC,
-                          G: int) -> torch.Tensor:
+                          G: int, prompt_inputs_N: list[dict] | None = None) -> torch.Tensor:
     """Hidden states ``[N, C, H]`` that predict each completion token, the prompt computed once per group."""
     prompt_ids_BP, prompt_mask_BP = prompt_ids_NP[::G], prompt_mask_NP[::G]  # [B, P]
-    pos_BP = (prompt_mask_BP.cumsum(dim=1) - 1).clamp(min=0)
-    prompt_hidden_BPH, cache = run_backbone(backbone, input_ids=prompt_ids_BP, attention_mask=prompt_mask_BP,
-                                            position_ids=pos_BP)
-    cache.batch_repeat_interleave(G)  # differentiable: each completion attends to the shared prefix
+    prompt_inputs_B = prompt_inputs_N[::G] if prompt_inputs_N is not None else None
+    prompt_hidden_BPH, cache, pos_XBP = prefill(backbone, prompt_ids_BP, prompt_mask_BP, prompt_inputs_B)
+    if G > 1:
+        cache.batch_repeat_interleave(G)  # differentiable: each completion attends to the shared prefix
     C = completion_ids_NC.size(1)
     mask_NL = torch.cat([prompt_mask_NP, completion_mask_NC], dim=1)  # [N, P + C]
-    # completion token t sits at position (prompt length + t); tokens after EOS are masked anyway
-    pos_NC = pos_BP[:, -1:].repeat_interleave(G, dim=0) + 1 + torch.arange(C, device=pos_BP.device)
+    # completion token t sits one past the prompt's last position, plus t; tokens after EOS are masked anyway
     completion_hidden_NCH, _ = run_backbone(backbone, cache, input_ids=completion_ids_NC, attention_mask=mask_NL,
-                                            position_ids=pos_NC)
+                                            position_ids=positions_after(pos_XBP, G, C))
     last_prompt_N1H = prompt_hidden_BPH[:, -1:, :].repeat_interleave(G, dim=0)  # predicts completion token 0
     return torch.cat([last_prompt_N1H, completion_hidden_NCH[:, :-1, :]], dim=1)

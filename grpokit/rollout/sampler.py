@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import torch
 
-from grpokit.errors import ModelError
 from grpokit.models.parts import backbone_and_head
 from grpokit.rollout.contract import Rollouts
 from grpokit.rollout.encoding import PromptBatch
-from grpokit.rollout.logprobs import run_backbone
+from grpokit.models.multimodal import positions_after
+from grpokit.rollout.logprobs import prefill, run_backbone
 
 
 def sample_next(logits_NV: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -70,33 +70,24 @@ class TorchSampler:
         # checkpoints before the Sampler contract stored the generator's state tensor alone
         self.generator.set_state(state if isinstance(state, torch.Tensor) else state["generator"])
 
-    def _forward(self, **inputs):
-        """Logits of the last position ``[N, V]`` and the updated KV cache."""
-        backbone, head = backbone_and_head(self.policy.sampling_model)
-        hidden_NLH, cache = run_backbone(backbone, **inputs)
-        return head(hidden_NLH[:, -1, :]), cache
-
     @torch.no_grad()
     def generate(self, batch: PromptBatch, num_generations: int, greedy: bool = False) -> Rollouts:
-        if batch.multimodal:
-            raise ModelError(f"the torch sampler decodes text only; this batch carries {sorted(batch.multimodal)} "
-                             "(images reach the model once vision-language models are supported)")
         policy, G = self.policy, num_generations
         pad_id = policy.tokenizer.pad_token_id
         device = policy.device
         ids_BP, mask_BP = batch.input_ids_BP.to(device), batch.attention_mask_BP.to(device)
-        pos_BP = (mask_BP.cumsum(dim=1) - 1).clamp(min=0)
         model = policy.sampling_model
+        backbone, head = backbone_and_head(model)
         was_training = model.training
         model.eval()  # no dropout while sampling
         with policy.autocast():
-            logits_BV, cache = self._forward(input_ids=ids_BP, attention_mask=mask_BP, position_ids=pos_BP)
-            # the group shares its prompt: prefill once, then repeat the cache G times
+            # the group shares its prompt (and its images): prefill once, then repeat the cache G times
+            hidden_BPH, cache, pos_XBP = prefill(backbone, ids_BP, mask_BP, batch.multimodal)
             if G > 1:
                 cache.batch_repeat_interleave(G)
-            logits_NV = logits_BV.repeat_interleave(G, dim=0)  # [N, V]
+            logits_NV = head(hidden_BPH[:, -1, :]).repeat_interleave(G, dim=0)  # [N, V]
             mask_NL = mask_BP.repeat_interleave(G, dim=0)  # [N, P + t]
-            pos_N1 = pos_BP[:, -1:].repeat_interleave(G, dim=0)  # [N, 1]
+            pos_XN1 = positions_after(pos_XBP, G, 1)  # [..., N, 1]: the first completion token's position
             N = logits_NV.size(0)
             eos_E = torch.tensor(policy.eos_ids, device=device)
             finished_N = torch.zeros(N, dtype=torch.bool, device=device)
@@ -113,9 +104,10 @@ class TorchSampler:
                 if bool(finished_N.all()) or len(tokens) == self.max_new_tokens:
                     break
                 mask_NL = torch.cat([mask_NL, torch.ones_like(mask_NL[:, :1])], dim=1)
-                pos_N1 = pos_N1 + 1
-                logits_NV, cache = self._forward(input_ids=next_N[:, None], attention_mask=mask_NL,
-                                                 position_ids=pos_N1, cache=cache)
+                hidden_N1H, cache = run_backbone(backbone, cache, input_ids=next_N[:, None], attention_mask=mask_NL,
+                                                 position_ids=pos_XN1)
+                logits_NV = head(hidden_N1H[:, -1, :])
+                pos_XN1 = pos_XN1 + 1
         model.train(was_training)
         completion_NC = torch.stack(tokens, dim=1)  # [N, C]
         # a token counts until (and including) the first EOS of its row
@@ -128,6 +120,8 @@ class TorchSampler:
             completion_ids_NC=completion_NC,
             completion_mask_NC=completion_mask_NC,
             truncated_N=~is_eos_NC.any(dim=1),
+            prompt_inputs_N=None if batch.multimodal is None else [inputs for inputs in batch.multimodal
+                                                                  for _ in range(G)],
             # loss_mask_NC defaults to the completion mask: in one turn every kept token is the policy's own
             sampling_logprobs_NC=torch.stack(logprobs, dim=1) * completion_mask_NC,
         )

@@ -18,6 +18,7 @@ import torch
 from grpokit.algo.replay import ReplayBuffer
 from grpokit.config import Recipe
 from grpokit.data import load_splits
+from grpokit.data.images import message_text
 from grpokit.errors import DataError
 from grpokit.log import check_trackers
 from grpokit.models import Policy, load_policy
@@ -75,12 +76,12 @@ def setup(recipe: Recipe) -> Run:
 def check_prompt_lengths(encoder: PromptEncoder, rows: list[dict], recipe: Recipe) -> None:
     """Count prompts over rollout.max_prompt_length once, up front: log them, or refuse the data."""
     data, limit = recipe.data, recipe.rollout.max_prompt_length
-    ids = [encoder.token_ids(row["prompt"]) for row in rows]
+    ids = [encoder.token_ids(row) for row in rows]
     over = [i for i, seq in enumerate(ids) if len(seq) > limit]
     if not over:
         return
     first = rows[over[0]]["prompt"]
-    text = first if isinstance(first, str) else first[-1].get("content", "")
+    text = first if isinstance(first, str) else message_text(first[-1].get("content"))
     what = (f"{len(over)} of {len(rows)} prompts of {data.label} are longer than rollout.max_prompt_length = {limit} "
             f"tokens (the first: {len(ids[over[0]])} tokens, {text[:60]!r})")
     if recipe.rollout.prompt_overflow == "error":

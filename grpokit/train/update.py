@@ -24,7 +24,7 @@ METRIC_KEYS = ("loss", "kl", "clip_frac", "clip_frac_low", "clip_frac_high", "en
 @dataclass
 class MicroBatch:
     rows_n: torch.Tensor  # [n] indices into the generation batch
-    inputs: tuple  # prompt ids/mask, completion ids/mask, trimmed to the longest completion
+    inputs: tuple  # prompt ids/mask, completion ids/mask (trimmed to the longest completion), image inputs
     mask_nC: torch.Tensor  # [n, C] tokens in the loss: the policy's own (truncated completions zeroed if asked)
     group_size: int  # G when the micro-batch holds whole groups (prompt computed once per group), else 1
     ref_logp_nC: torch.Tensor | None = None
@@ -40,8 +40,10 @@ def split_micro_batches(rollouts: Rollouts, grad_accum: int, mask_truncated: boo
     for rows_n in torch.arange(mask_NC.size(0)).chunk(grad_accum):
         # drop columns that are padding in every row of this micro-batch
         width = max(int(rollouts.completion_mask_NC[rows_n].sum(dim=1).max()), 1)
+        images = rollouts.prompt_inputs_N
         inputs = (rollouts.prompt_ids_NP[rows_n], rollouts.prompt_mask_NP[rows_n],
-                  rollouts.completion_ids_NC[rows_n, :width], rollouts.completion_mask_NC[rows_n, :width])
+                  rollouts.completion_ids_NC[rows_n, :width], rollouts.completion_mask_NC[rows_n, :width],
+                  None if images is None else [images[i] for i in rows_n.tolist()])
         whole_groups = rows_n[0] % G == 0 and rows_n.numel() % G == 0
         batches.append(MicroBatch(rows_n, inputs, mask_NC[rows_n, :width], G if whole_groups else 1))
     return batches

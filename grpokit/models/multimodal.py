@@ -1,0 +1,81 @@
+"""Image inputs for a vision-language model's forward: batching prompts' processor outputs, and positions.
+
+A prompt's processor output is kept per prompt (``PromptEncoder`` runs the processor on one
+row at a time), so a group's rows, a replayed group and a micro-batch can each pick the
+prompts they need and stack them here, whatever padding width the batch has.
+
+The families store pixels two ways. Qwen-VL flattens every image's patches into one
+``[patches, D]`` tensor plus an ``image_grid_thw`` row per image: prompts concatenate along
+dim 0. Idefics3/SmolVLM give ``[1, images, C, H, W]`` per prompt: prompts with fewer images
+are padded with all-zero images, which the model recognises and drops, as its processor
+pads a batch itself. Token-type ids line up with the prompt tokens and are left-padded like
+them.
+
+Positions: a family whose body has ``get_rope_index`` (Qwen's multimodal rotary embedding)
+gets its ``[3, B, P]`` positions from it; every other family counts real tokens. They are
+always passed explicitly, so the model's stored ``rope_deltas`` (state left by a previous
+``generate``) never decide a position.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TOKEN_TYPE_SUFFIX = "token_type_ids"
+STACKED_NDIM = 4  # [1, images, ...]: one prompt's images stacked (Idefics3's pixels and pixel mask)
+
+
+def collate(prompt_inputs: list[dict], width: int) -> dict[str, torch.Tensor]:
+    """One batch's image inputs from per-prompt processor outputs, prompts left-padded to ``width`` tokens."""
+    keys = sorted({key for inputs in prompt_inputs for key in inputs})
+    batch = {}
+    for key in keys:
+        if key.endswith(TOKEN_TYPE_SUFFIX):
+            batch[key] = torch.cat([_left_pad(inputs.get(key), width) for inputs in prompt_inputs])
+            continue
+        present = [inputs[key] for inputs in prompt_inputs if key in inputs]
+        if present[0].ndim >= STACKED_NDIM:
+            batch[key] = _stack_images(prompt_inputs, key, present)
+        else:
+            batch[key] = torch.cat(present)
+    return batch
+
+
+def _left_pad(type_ids_1L: torch.Tensor | None, width: int) -> torch.Tensor:
+    """Token-type ids ``[1, width]``: zeros (text) on the left padding, and for a prompt without any."""
+    if type_ids_1L is None:
+        return torch.zeros(1, width, dtype=torch.long)
+    return F.pad(type_ids_1L, (width - type_ids_1L.size(1), 0))
+
+
+def _stack_images(prompt_inputs: list[dict], key: str, present: list[torch.Tensor]) -> torch.Tensor:
+    """``[B, max images, ...]``: each prompt's images, then all-zero images up to the most any prompt has."""
+    most = max(t.size(1) for t in present)
+    template = present[0]
+    rows = []
+    for inputs in prompt_inputs:
+        images = inputs.get(key, template[:, :0])
+        missing = most - images.size(1)
+        if missing:
+            images = torch.cat([images, images.new_zeros(1, missing, *template.shape[2:])], dim=1)
+        rows.append(images)
+    return torch.cat(rows)
+
+
+def prompt_positions(body, ids_BP: torch.Tensor, mask_BP: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """Position ids of left-padded prompts: ``[B, P]``, or ``[3, B, P]`` for a multimodal rotary embedding."""
+    if hasattr(body, "get_rope_index") and "mm_token_type_ids" in inputs:
+        rope_inputs = {k: v for k, v in inputs.items() if k in ("image_grid_thw", "video_grid_thw")}
+        positions, _ = body.get_rope_index(ids_BP, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                           attention_mask=mask_BP, **rope_inputs)
+        return positions.to(ids_BP.device)
+    return (mask_BP.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def positions_after(positions_XBP: torch.Tensor, group_size: int, steps: int) -> torch.Tensor:
+    """The positions of the ``steps`` tokens that follow each prompt, for each of its ``group_size`` rows:
+    ``[..., B*G, steps]``. A text token after the prompt sits one past the prompt's last position, in
+    every rotary dimension (Qwen's text tokens share one position across the three)."""
+    last_XN1 = positions_XBP[..., -1:].repeat_interleave(group_size, dim=-2)
+    return last_XN1 + 1 + torch.arange(steps, device=positions_XBP.device)
