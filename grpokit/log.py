@@ -37,13 +37,6 @@ class MetricsSink(Protocol):
     def close(self) -> None: ...
 
 
-def _clean(value: Any) -> Any:
-    """JSON has no NaN or infinity: write null so every reader can parse the line."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 class JsonlSink:
     """Append one JSON object per line and flush, so a crash loses at most the line in flight."""
 
@@ -60,7 +53,7 @@ class JsonlSink:
         self._handle = os.fdopen(fd, "a", encoding="utf-8")
 
     def log(self, row: dict[str, Any]) -> None:
-        self._handle.write(json.dumps({k: _clean(v) for k, v in row.items()}, ensure_ascii=False) + "\n")
+        self._handle.write(json.dumps(json_ready(row), ensure_ascii=False) + "\n")
         self._handle.flush()
 
     def close(self) -> None:
@@ -103,14 +96,30 @@ def sanitise_key(name: str, disallowed: re.Pattern[str]) -> str:
 
 
 def json_ready(value: Any) -> Any:
-    """Recursively replace NaN/infinity with None: ``json.dumps`` would write the invalid ``NaN``."""
+    """``value`` as ``json.dumps`` can write it, recursively: NaN/infinity as None (``json.dumps``
+    would write the invalid ``NaN``), and raw bytes, which in a row are an encoded image (the
+    built-in visual tasks, Parquet image columns), as ``bytes_label`` (``json.dumps`` would raise).
+    The one place every JSON writer of rows (run logs, ``grpokit data`` outputs) goes through."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes_label(value)
     if isinstance(value, dict):
         return {k: json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_ready(v) for v in value]
     return value
+
+
+BYTES_LABEL = re.compile(r"<image: \d+ bytes>")
+
+
+def bytes_label(value: bytes | bytearray | memoryview) -> str:
+    """A short stand-in for an encoded image in JSON, ``"<image: 1234 bytes>"``: a log line stays
+    readable and small (base64 of every image would bloat samples.jsonl), and a reader that finds
+    it where an image belongs is told what was there (``BYTES_LABEL`` matches it). A path string
+    is written as it is."""
+    return f"<image: {memoryview(value).nbytes} bytes>"
 
 
 def as_text(value: Any) -> str:

@@ -99,7 +99,7 @@ def test_prompts_one_row_per_step_with_history():
          "images": []},
         {"prompt": [{"role": "user", "content": "Say hello\n\nCurrent observation (step 0):\n[image]"}],
          "answer": 'type({"enter": true, "text": "héllo"})', "episode_id": "e4", "step": 0, "success": True,
-         "reward": None, "images": ["img/chat.png"]},
+         "reward": None, "images": [str((FIXTURES / "img" / "chat.png").absolute())]},  # read beside the file
     ]
 
 

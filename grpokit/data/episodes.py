@@ -12,6 +12,12 @@ action is the ``answer`` rewards see), or one conversational SFT sample per step
 build the user message the same way (``step_messages``) and render actions with one
 function (``render_action``), so a prompt, an SFT sample and a preference pair made from
 the same step agree to the character.
+
+A screenshot (``observation.image_path``, relative to the episodes file's folder) becomes the
+row's ``images`` entry (``step_images``), written as an absolute path, so the converted file
+can live anywhere and its images still resolve when it is read back. The user message keeps
+string content, with no image placeholder: TRL places the image before that text
+(``images.with_image_blocks``), and so does grpokit.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from typing import Any, Iterable, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from grpokit.data.images import image_refs
 from grpokit.errors import DataError
 from grpokit.io import atomic_write
+from grpokit.log import json_ready
 
 # strict: JSON "true"/"1" is not a bool and "3" is not an int; a typo'd key is an error
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -34,7 +42,7 @@ class Observation(BaseModel):
 
     model_config = STRICT
     text: str | None = None
-    image_path: str | None = None
+    image_path: str | None = Field(None, min_length=1)  # relative: to the episodes file's folder
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -65,11 +73,18 @@ class Episode(BaseModel):
     final_reward: float | None = None
     metadata: dict[str, Any] = Field(default_factory=dict)
     _where: str = PrivateAttr(default="<memory>")
+    _base_dir: Path = PrivateAttr(default=Path("."))
 
     @property
     def where(self) -> str:
         """``file:line`` the episode was read from, for error messages."""
         return self._where
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative image paths are read from: the episodes file's (an episode built in
+        memory: the working directory)."""
+        return self._base_dir
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -112,6 +127,7 @@ def load_episodes(path: str | Path) -> list[Episode]:
                             f"{seen[episode.episode_id]}; ids must be unique")
         seen[episode.episode_id] = lineno
         episode._where = where
+        episode._base_dir = Path(path).parent
         episodes.append(episode)
     if not episodes:
         raise DataError(f"{path}: no episodes (the file is empty)")
@@ -130,6 +146,24 @@ def render_observation(observation: Observation) -> str:
     if observation.text is not None:
         return observation.text
     return "[image]" if observation.image_path is not None else "(no observation)"
+
+
+def step_images(episode: Episode, step: Step) -> list[str]:
+    """``[absolute path]`` of the step's screenshot, or ``[]``: the ``images`` a row made from this step
+    carries (its user message shows only this step's image; earlier ones appear as ``[image]``)."""
+    if step.observation.image_path is None:
+        return []
+    return image_refs({"image": step.observation.image_path}, f"{episode.where}: steps.{step.index}",
+                      episode.base_dir)
+
+
+def images_column(rows: list[dict]) -> list[dict]:
+    """Keep the ``images`` column only when some row has an image: a text-only file stays TRL's text
+    format, and in a mixed one every row has the column (``[]`` for none) as ``datasets`` needs."""
+    if not any(row["images"] for row in rows):
+        for row in rows:
+            del row["images"]
+    return rows
 
 
 def has_observation(step: Step) -> bool:
@@ -178,21 +212,17 @@ def episodes_to_prompts(episodes: Iterable[Episode], history: int = 2, system: s
 
     Steps with neither observation text nor an image are skipped, and so are episodes
     without steps. If any row has an image, every row gets an ``images`` column (TRL's
-    name): ``[image_path]`` of the current observation, or ``[]``.
+    name): ``step_images`` of the current observation (absolute), or ``[]``.
     """
     rows: list[dict] = []
     skipped = {"episodes_without_steps": 0, "steps_without_observation": 0}
     for episode in episodes:
         for step in usable_steps(episode, skipped):
-            image = step.observation.image_path
             rows.append({"prompt": step_messages(episode, step.index, history, system),
                          "answer": render_action(step.action), "episode_id": episode.episode_id,
                          "step": step.index, "success": episode.success, "reward": step.reward,
-                         "images": [image] if image is not None else []})
-    if not any(row["images"] for row in rows):
-        for row in rows:
-            del row["images"]
-    return Converted(rows, skipped)
+                         "images": step_images(episode, step)})
+    return Converted(images_column(rows), skipped)
 
 
 def episodes_to_sft(episodes: Iterable[Episode], only_successful: bool = True, history: int = 2,
@@ -200,8 +230,9 @@ def episodes_to_sft(episodes: Iterable[Episode], only_successful: bool = True, h
     """One conversational SFT sample per step: ``{"messages": [system?, user, assistant]}``.
 
     The user message is the one ``episodes_to_prompts`` builds; the assistant says the
-    recorded action's text. Skip reasons are exclusive, checked in order: an unsuccessful
-    episode (when ``only_successful``), an episode without steps, a step without observation.
+    recorded action's text; ``images`` as ``episodes_to_prompts`` gives it (TRL's SFT format for
+    vision models). Skip reasons are exclusive, checked in order: an unsuccessful episode (when
+    ``only_successful``), an episode without steps, a step without observation.
     """
     rows: list[dict] = []
     skipped = {"unsuccessful_episodes": 0, "episodes_without_steps": 0, "steps_without_observation": 0}
@@ -211,8 +242,9 @@ def episodes_to_sft(episodes: Iterable[Episode], only_successful: bool = True, h
             continue
         for step in usable_steps(episode, skipped):
             reply = {"role": "assistant", "content": render_action(step.action)}
-            rows.append({"messages": step_messages(episode, step.index, history, system) + [reply]})
-    return Converted(rows, skipped)
+            rows.append({"messages": step_messages(episode, step.index, history, system) + [reply],
+                         "images": step_images(episode, step)})
+    return Converted(images_column(rows), skipped)
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -235,7 +267,9 @@ def check_outputs(outputs: Iterable[str | Path], inputs: Iterable[str | Path] = 
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
-    """Write rows as JSON lines atomically (``_line`` bookkeeping dropped); return how many."""
-    lines = [json.dumps({k: v for k, v in row.items() if k != "_line"}, ensure_ascii=False) + "\n" for row in rows]
+    """Write rows as JSON lines atomically (``_line`` bookkeeping dropped); return how many. Values JSON
+    cannot hold go through ``log.json_ready`` (image bytes as ``"<image: N bytes>"``, NaN as null)."""
+    lines = [json.dumps(json_ready({k: v for k, v in row.items() if k != "_line"}), ensure_ascii=False) + "\n"
+             for row in rows]
     atomic_write(path, lambda handle: handle.write("".join(lines).encode("utf-8")))
     return len(lines)

@@ -23,6 +23,7 @@ from typing import Any, Union
 from PIL import Image
 
 from grpokit.errors import DataError
+from grpokit.log import BYTES_LABEL
 
 ImageRef = Union[str, bytes]
 PLACEHOLDER = "<image>"
@@ -84,6 +85,10 @@ def _path_ref(value: Any, where: str, name: str, base_dir: Path) -> str:
     if not str(value):
         raise DataError(f"{where}: {name} is an empty path; give the image file's path, relative to the "
                         f"data file's folder or absolute")
+    if BYTES_LABEL.fullmatch(str(value)):
+        raise DataError(f"{where}: {name} is {str(value)!r}, the stand-in grpokit writes in JSON for image "
+                        f"bytes, not an image: this file was written from rows whose images were bytes; read "
+                        f"the original data (Parquet, a saved dataset, builtin:<task>) or save the images as files")
     path = Path(value)
     return str(path if path.is_absolute() else (Path(base_dir) / path).absolute())
 
@@ -167,7 +172,9 @@ def _string_blocks(text: str) -> list[dict]:
     return blocks
 
 
-def _check_blocks(content: list, where: str, name: str) -> list[dict]:
+def check_blocks(content: list, where: str, name: str) -> list[dict]:
+    """A message's block-list content checked (text and image blocks only) and copied; shared with
+    ``chat.check_messages`` so a conversation is held to one rule wherever it is read."""
     for index, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if (kind == "text" and isinstance(part.get("text"), str)) or kind == "image":
@@ -187,7 +194,7 @@ def _structured(message: Any, where: str, index: int) -> dict:
     if isinstance(content, str):
         return {**message, "content": [_text_block(content)]}
     if isinstance(content, list):
-        return {**message, "content": _check_blocks(content, where, f"{name}['content']")}
+        return {**message, "content": check_blocks(content, where, f"{name}['content']")}
     if content is None and message["role"] == "assistant":
         return dict(message)  # an assistant turn may carry only tool_calls, as TRL allows
     raise DataError(f"{where}: {name}['content'] must be a string or a list of content blocks, "

@@ -2,6 +2,11 @@
 
 Every error names the file and line (or row), and what to change. Every row carries the name
 of its source in ``data_source`` (verl's column), unless the data has that column already.
+
+A vision-language row (an ``image`` or ``images`` column, TRL's names) leaves here with
+``images``: a list of absolute paths or encoded bytes (``images.image_refs``; relative paths
+are read from the data file's folder), every image checked readable and the prompt's image
+placeholders counted against them, so a bad image fails at load time with its file:line.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from typing import Any
 
 from grpokit.config import DATA_FILE_SUFFIXES, source_name
 from grpokit.data.chat import check_messages
+from grpokit.data.images import check_images, count_placeholders, image_refs, with_image_blocks
 from grpokit.data.sources import FORMATS, read_saved, read_table
-from grpokit.data.tasks import make_task
+from grpokit.data.tasks import TASKS, make_task
+from grpokit.data.visual_tasks import VISUAL_TASKS, make_visual_task
 from grpokit.errors import DataError
 from grpokit.jsonio import JsonLineError, read_jsonl_lines
 
@@ -112,9 +119,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [{**row, "_line": lineno} for lineno, row in read_json_lines(path)]
 
 
-def _normalise(rows: list[dict], source: str, prompt_field: str, answer_field: str) -> list[dict]:
+IMAGE_COLUMNS = ("image", "images")
+
+
+def _normalise(rows: list[dict], source: str, prompt_field: str, answer_field: str,
+               base_dir: str | Path = ".") -> list[dict]:
     """Rename the recipe's prompt column to ``prompt`` and give its answer column as ``answer`` too (keeping
-    the original name, so open-r1's ``solution`` reaches functions that ask for it); check every prompt."""
+    the original name, so open-r1's ``solution`` reaches functions that ask for it); check every prompt,
+    and every image against ``base_dir`` (the folder relative image paths are read from)."""
     out = []
     for index, row in enumerate(rows):
         # JSON rows know their line; a table's rows are counted from 1 after the header
@@ -126,14 +138,34 @@ def _normalise(rows: list[dict], source: str, prompt_field: str, answer_field: s
             raise DataError(f"{where}: {prompt_field!r} is {prompt!r:.40}; expected a non-empty string or list of chat messages")
         if isinstance(prompt, list):
             check_messages(prompt, where, prompt_field)
-        item: dict[str, Any] = {k: v for k, v in row.items() if k != prompt_field}
+        images = _checked_images(row, prompt, where, base_dir)
+        item: dict[str, Any] = {k: v for k, v in row.items() if k != prompt_field and k not in IMAGE_COLUMNS}
         item["prompt"] = prompt
         if answer_field in row:
             item["answer"] = row[answer_field]
+        if images:
+            item["images"] = images
         out.append(item)
     if not out:
         raise DataError(f"{source}: the dataset is empty")
     return out
+
+
+def _checked_images(row: dict, prompt: str | list, where: str, base_dir: str | Path) -> list:
+    """The row's image references, each readable, with the prompt asking for exactly that many.
+
+    The prompt is only checked: it stays as the user wrote it, and the encoder places its images
+    (``with_image_blocks``) when it renders them. A row with no image column is a text row, where a
+    literal ``<image>`` in a string is just text; an image block in its chat messages is refused,
+    since nothing could fill it."""
+    if not any(column in row for column in IMAGE_COLUMNS):
+        if isinstance(prompt, list) and count_placeholders(prompt):
+            with_image_blocks(prompt, 0, where)  # raises: the placeholder count against zero images
+        return []
+    refs = image_refs(row, where, Path(base_dir))
+    check_images(refs, where)
+    with_image_blocks(prompt, len(refs), where)
+    return refs
 
 
 def gsm8k_answer(solution: str) -> str:
@@ -190,7 +222,7 @@ def read_rows(path: str | Path, prompt_field: str = "prompt", answer_field: str 
         rows = read_table(path, prompt_field)
     else:
         raise DataError(f"{path}: unknown data format {suffix or '(no suffix)'!r}; use {FORMATS}")
-    return _normalise(rows, str(path), prompt_field, answer_field)
+    return _normalise(rows, str(path), prompt_field, answer_field, path.parent)
 
 
 def read_source_rows(data) -> list[dict]:
@@ -212,16 +244,17 @@ def load_source(source: str, data, eval_size: int) -> tuple[list[dict], list[dic
     single saved Dataset is shuffled with data.seed and its first eval_size rows held out.
     """
     if source.startswith("builtin:"):
-        return make_task(source.split(":", 1)[1], data.train_size or DEFAULT_TASK_SIZE, eval_size, data.seed)
+        return make_builtin(source.split(":", 1)[1], data.train_size or DEFAULT_TASK_SIZE, eval_size, data.seed)
     if source == "gsm8k":
         train, test = _load_gsm8k(data.path)
         return train, _sample_held_out(test, eval_size, data.seed)
     if Path(source).is_dir():
         train, test, test_name = read_saved(source, data.prompt_field)
-        train = _normalise(train, f"{source} [train]" if test is not None else source, data.prompt_field, data.answer_field)
+        train = _normalise(train, f"{source} [train]" if test is not None else source, data.prompt_field,
+                           data.answer_field, source)
         if test is None:
             return _split_off(train, eval_size, data.seed, source)
-        test = _normalise(test, f"{source} [{test_name}]", data.prompt_field, data.answer_field)
+        test = _normalise(test, f"{source} [{test_name}]", data.prompt_field, data.answer_field, source)
         return train, _sample_held_out(test, eval_size, data.seed)
     if is_data_file(source):
         rows = read_rows(source, data.prompt_field, data.answer_field)
@@ -229,6 +262,19 @@ def load_source(source: str, data, eval_size: int) -> tuple[list[dict], list[dic
     if not Path(source).suffix:
         raise DataError(f"data source {source!r}: no such folder or file; expected builtin:<task>, gsm8k, or {FORMATS}")
     raise DataError(f"data source {source!r}: unknown format; expected builtin:<task>, gsm8k, or {FORMATS}")
+
+
+def make_builtin(name: str, train_size: int, eval_size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """``(train_rows, eval_rows)`` of a built-in task, text (``tasks``) or visual (``visual_tasks``).
+
+    Both registries are read here rather than one importing the other, because ``visual_tasks``
+    builds on ``tasks``; a visual task's rows already hold ``images`` as PNG bytes."""
+    if name in VISUAL_TASKS:
+        return make_visual_task(name, train_size, eval_size, seed)
+    if name in TASKS:
+        return make_task(name, train_size, eval_size, seed)
+    raise DataError(f"unknown built-in task {name!r} (data.source: builtin:{name}); choose one of "
+                    f"{sorted(TASKS)} (text) or {sorted(VISUAL_TASKS)} (images)")
 
 
 def _named(rows: list[dict], name: str) -> list[dict]:

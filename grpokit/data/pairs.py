@@ -19,7 +19,12 @@ defaults to 0 because the instruction and the current observation are the only c
 both sides are known to share.
 
 Pairs whose chosen and rejected texts are identical are dropped, and so are repeats of
-a pair already made (same prompt, chosen and rejected); both are counted.
+a pair already made (same prompt, images, chosen and rejected); both are counted.
+
+When the chosen step's observation has a screenshot, the pair carries it as ``images``
+(``episodes.step_images``: an absolute path; TRL's DPO format for vision models), placed as
+TRL places it, before the user message's text; in a file where some pairs have an image,
+the others carry ``images: []``.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from typing import Callable, Iterable
 from pydantic import BaseModel, ValidationError
 
 from grpokit.data.episodes import (
-    STRICT, Converted, Episode, Step, validation_message, read_json_objects, render_action, step_messages,
+    STRICT, Converted, Episode, Step, images_column, read_json_objects, render_action, step_images, step_messages,
+    validation_message,
 )
 from grpokit.data.chat import as_chat, check_messages
 from grpokit.errors import DataError
@@ -73,7 +79,7 @@ def _candidate(chosen: Episode, chosen_step: Step, chosen_text: str, rejected: E
             "chosen": [{"role": "assistant", "content": chosen_text}],
             "rejected": [{"role": "assistant", "content": rejected_text}],
             "source": source, "episode_chosen": chosen.episode_id, "episode_rejected": rejected.episode_id,
-            "step": chosen_step.index}
+            "step": chosen_step.index, "images": step_images(chosen, chosen_step)}
 
 
 def _finish(candidates: Iterable[dict], skipped: dict[str, int]) -> Converted:
@@ -82,7 +88,7 @@ def _finish(candidates: Iterable[dict], skipped: dict[str, int]) -> Converted:
     rows, seen = [], set()
     for pair in candidates:
         chosen, rejected = pair["chosen"][0]["content"], pair["rejected"][0]["content"]
-        key = (json.dumps(pair["prompt"], sort_keys=True), chosen, rejected)
+        key = (json.dumps(pair["prompt"], sort_keys=True), tuple(pair["images"]), chosen, rejected)
         if chosen == rejected:
             skipped["identical"] += 1
         elif key in seen:
@@ -90,7 +96,7 @@ def _finish(candidates: Iterable[dict], skipped: dict[str, int]) -> Converted:
         else:
             seen.add(key)
             rows.append(pair)
-    return Converted(rows, skipped)
+    return Converted(images_column(rows), skipped)
 
 
 def _with_steps(episodes: list[Episode], skipped: dict[str, int]) -> list[Episode]:
