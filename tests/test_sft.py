@@ -62,7 +62,7 @@ def test_assistant_tokens_decode_to_exactly_the_replies(char_tokenizer, template
                 {"role": "assistant", "content": "Hello 1"}, {"role": "user", "content": "And?"},
                 {"role": "assistant", "content": "Bye 2"}, {"role": "user", "content": "(ignored)"}]
     end = char_tokenizer.eos_token_id
-    ids, labels = encode_conversation(char_tokenizer, messages, [end])
+    ids, labels, _ = encode_conversation(char_tokenizer, messages, [end])
     learned = [t for t, label in zip(ids, labels) if label]
     assert char_tokenizer.decode(learned) == "Hello 1<|im_end|>Bye 2<|im_end|>"
     # the context is the template's rendering of everything else, up to the second reply
@@ -77,7 +77,7 @@ def test_assistant_tokens_decode_to_exactly_the_replies(char_tokenizer, template
 
 def test_smollm2_default_system_message_is_context(char_tokenizer):
     char_tokenizer.chat_template = SMOLLM2_TEMPLATE
-    ids, labels = encode_conversation(char_tokenizer, [{"role": "user", "content": "2+2?"},
+    ids, labels, _ = encode_conversation(char_tokenizer, [{"role": "user", "content": "2+2?"},
                                                        {"role": "assistant", "content": "4"}],
                                       [char_tokenizer.eos_token_id])
     assert "named SmolLM" in char_tokenizer.decode(ids)
@@ -121,7 +121,7 @@ def test_prompt_completion_rows_and_empty_files(tmp_path):
                                               "completion": [{"role": "assistant", "content": "b"}]}])
     recipe = sft_recipe("unused", data, tmp_path / "out").model_copy(deep=True)
     recipe.data.system_prompt = "S"
-    conversations = [m for _, m in load_conversations(recipe.data)]
+    conversations = [c.messages for c in load_conversations(recipe.data)]
     assert conversations[0] == [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
                                 {"role": "assistant", "content": "yo"}]
     (tmp_path / "empty.jsonl").write_text("\n")
@@ -144,7 +144,7 @@ def encoded(policy, n, seed=0):
     out = []
     for i, row in enumerate(toy_samples(n, seed)):
         messages = row["messages"] if i % 2 else [{"role": "system", "content": "x" * i}] + row["messages"]
-        ids, labels = encode_conversation(policy.tokenizer, messages, policy.eos_ids)
+        ids, labels, _ = encode_conversation(policy.tokenizer, messages, policy.eos_ids)
         out.append(SftExample(*fit_length(ids, labels, 512)[:2], where=str(i)))
     return out
 

@@ -26,13 +26,14 @@ TOKEN_TYPE_SUFFIX = "token_type_ids"
 STACKED_NDIM = 4  # [1, images, ...]: one prompt's images stacked (Idefics3's pixels and pixel mask)
 
 
-def collate(prompt_inputs: list[dict], width: int) -> dict[str, torch.Tensor]:
-    """One batch's image inputs from per-prompt processor outputs, prompts left-padded to ``width`` tokens."""
+def collate(prompt_inputs: list[dict], width: int, left: bool = True) -> dict[str, torch.Tensor]:
+    """One batch's image inputs from per-sequence processor outputs, sequences padded to ``width`` tokens
+    on the left (prompts) or on the right (SFT samples)."""
     keys = sorted({key for inputs in prompt_inputs for key in inputs})
     batch = {}
     for key in keys:
         if key.endswith(TOKEN_TYPE_SUFFIX):
-            batch[key] = torch.cat([_left_pad(inputs.get(key), width) for inputs in prompt_inputs])
+            batch[key] = torch.cat([_pad(inputs.get(key), width, left) for inputs in prompt_inputs])
             continue
         present = [inputs[key] for inputs in prompt_inputs if key in inputs]
         if present[0].ndim >= STACKED_NDIM:
@@ -42,11 +43,27 @@ def collate(prompt_inputs: list[dict], width: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _left_pad(type_ids_1L: torch.Tensor | None, width: int) -> torch.Tensor:
-    """Token-type ids ``[1, width]``: zeros (text) on the left padding, and for a prompt without any."""
+def _pad(type_ids_1L: torch.Tensor | None, width: int, left: bool) -> torch.Tensor:
+    """Token-type ids ``[1, width]``: zeros (text) on the padding, and for a sequence without any."""
     if type_ids_1L is None:
         return torch.zeros(1, width, dtype=torch.long)
-    return F.pad(type_ids_1L, (width - type_ids_1L.size(1), 0))
+    missing = width - type_ids_1L.size(1)
+    return F.pad(type_ids_1L, (missing, 0) if left else (0, missing))
+
+
+def join_pieces(pieces: list[tuple[dict, int]]) -> dict[str, torch.Tensor]:
+    """One sequence's image inputs from the processor outputs of its consecutive pieces ``(inputs,
+    tokens)`` (an SFT sample is encoded turn by turn): images in order, token types end to end."""
+    keys = sorted({key for inputs, _ in pieces for key in inputs})
+    joined = {}
+    for key in keys:
+        if key.endswith(TOKEN_TYPE_SUFFIX):
+            joined[key] = torch.cat([inputs.get(key, torch.zeros(1, length, dtype=torch.long))
+                                     for inputs, length in pieces], dim=1)
+            continue
+        present = [inputs[key] for inputs, _ in pieces if key in inputs]
+        joined[key] = torch.cat(present, dim=1 if present[0].ndim >= STACKED_NDIM else 0)
+    return joined
 
 
 def _stack_images(prompt_inputs: list[dict], key: str, present: list[torch.Tensor]) -> torch.Tensor:

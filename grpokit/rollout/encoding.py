@@ -83,11 +83,7 @@ class PromptEncoder:
             return self.tokenizer(text)["input_ids"], {}
         refs = row.get("images") or []
         text = self._text(with_image_blocks(row["prompt"], len(refs), where), where)
-        options = {"return_mm_token_type_ids": True} if "mm_token_type_ids" in self.processor.model_input_names else {}
-        out = self.processor(text=[text], images=open_images(refs) if refs else None, return_tensors="pt",
-                             add_special_tokens=False, **options)
-        inputs = {key: value for key, value in out.items() if key not in ("input_ids", "attention_mask")}
-        return out["input_ids"][0].tolist(), inputs
+        return process_text(self.processor, text, open_images(refs))
 
     def token_ids(self, row: dict, where: str = "<prompt>") -> list[int]:
         """One row's prompt token ids, uncut."""
@@ -112,6 +108,15 @@ class PromptEncoder:
         ids_BP, mask_BP = left_pad(encoded, self.tokenizer.pad_token_id)
         return PromptBatch(ids_BP, mask_BP, rows=list(rows), multimodal=images if self.multimodal else None,
                            truncated=truncated)
+
+
+def process_text(processor, text: str, images: list) -> tuple[list[int], dict]:
+    """Rendered text with its images through a multimodal processor: the token ids (each image's
+    placeholder expanded to its image tokens) and the other model inputs it returns, unpadded."""
+    options = {"return_mm_token_type_ids": True} if "mm_token_type_ids" in processor.model_input_names else {}
+    out = processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False, **options)
+    return out["input_ids"][0].tolist(), {key: value for key, value in out.items()
+                                          if key not in ("input_ids", "attention_mask")}
 
 
 def _blocks(content) -> list[dict]:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,8 +59,18 @@ def conversation_of(row: dict, messages_field: str, where: str) -> list[dict]:
     return messages
 
 
-def load_conversations(data) -> list[tuple[str, list[dict]]]:
-    """``(file:line, messages)`` per row of ``data.source``, system prompt added where asked."""
+@dataclass
+class Conversation:
+    where: str  # file:line of the row
+    messages: list[dict]
+    images: list = field(default_factory=list)  # image references (paths or bytes), decoded per batch
+
+
+def load_conversations(data) -> list[Conversation]:
+    """Every row of ``data.source`` as a checked conversation, system prompt added where asked. A row's
+    ``image``/``images`` (TRL's columns; paths relative to the data file) are checked now and their
+    placeholders matched to them (TRL's placement when the messages have none)."""
+    from grpokit.data.images import check_images, image_refs, with_image_blocks
     from grpokit.data.loaders import read_jsonl
 
     rows = read_jsonl(data.source)
@@ -69,7 +79,12 @@ def load_conversations(data) -> list[tuple[str, list[dict]]]:
     out = []
     for row in rows:
         where = f"{data.source}:{row['_line']}"
-        out.append((where, with_system(conversation_of(row, data.messages_field, where), data.system_prompt)))
+        messages = conversation_of(row, data.messages_field, where)
+        refs = image_refs(row, where, Path(data.source).parent)
+        if refs or any(not isinstance(m.get("content"), str) for m in messages):
+            check_images(refs, where)
+            messages = with_image_blocks(messages, len(refs), where)
+        out.append(Conversation(where, with_system(messages, data.system_prompt), refs))
     return out
 
 
@@ -81,27 +96,47 @@ class SftExample:
     ids: list[int]
     labels: list[bool]  # True where the token is one the model learns to say
     where: str
+    # a sample with images keeps its conversation, so its image inputs are made again when its batch needs them
+    conversation: Conversation | None = None
 
     @property
     def num_labels(self) -> int:
         return sum(self.labels[1:])  # the first token has nothing before it to predict it
 
 
-def encode_conversation(tokenizer, messages: list[dict], end_ids: list[int], where: str = "<sample>"
-                        ) -> tuple[list[int], list[bool]]:
-    """Token ids of the rendered conversation and, per token, whether it is an assistant token.
+def encode_conversation(processor, messages: list[dict], end_ids: list[int], where: str = "<sample>",
+                        images: list | None = None) -> tuple[list[int], list[bool], dict]:
+    """Token ids of the rendered conversation, per token whether it is an assistant token, and (for a
+    vision-language processor) the image inputs.
 
     For each assistant turn i: the text from where the previous turn's rendering ended to
     the end of ``render(messages[:i], add_generation_prompt=True)`` is context; the text
     from there to the end of ``render(messages[:i+1])`` is the reply, labelled up to and
     including its last end-of-turn token (``end_ids``). Messages after the last assistant
-    turn are left out: they carry no loss.
+    turn are left out: they carry no loss. A piece that holds images goes through the
+    processor with its images (decoded PIL images, in order), which expands each image's
+    placeholder into its image tokens; images sit in user turns, so replies stay plain text.
     """
-    if tokenizer.chat_template is None:
+    from grpokit.models.multimodal import join_pieces
+    from grpokit.rollout.encoding import process_text
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    template = getattr(processor, "chat_template", None) or tokenizer.chat_template
+    if template is None:
         raise DataError(f"{where}: the tokenizer has no chat template; SFT renders conversations with it")
+    pending = list(images or [])
+    image_token = getattr(processor, "image_token", None)
+    pieces: list[tuple[dict, int]] = []
 
     def tokenize(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        count = text.count(image_token) if image_token and pending else 0
+        if count:
+            piece_images, pending[:] = pending[:count], pending[count:]
+            ids, inputs = process_text(processor, text, piece_images)
+        else:
+            ids, inputs = tokenizer(text, add_special_tokens=False)["input_ids"], {}
+        pieces.append((inputs, len(ids)))
+        return ids
 
     ids: list[int] = []
     labels: list[bool] = []
@@ -109,8 +144,8 @@ def encode_conversation(tokenizer, messages: list[dict], end_ids: list[int], whe
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render_chat(tokenizer, messages[:i], where, generation_prompt=True)
-        after = render_chat(tokenizer, messages[:i + 1], where)
+        before = render_chat(tokenizer, messages[:i], where, generation_prompt=True, template=template)
+        after = render_chat(tokenizer, messages[:i + 1], where, template=template)
         if not (before.startswith(done) and after.startswith(before)):
             raise DataError(f"{where}: the chat template does not render this conversation turn by turn (the "
                             f"text up to assistant turn {i} is not a prefix of the text after it), so the "
@@ -121,7 +156,10 @@ def encode_conversation(tokenizer, messages: list[dict], end_ids: list[int], whe
         ids += context + reply
         labels += [False] * len(context) + [True] * learned + [False] * (len(reply) - learned)
         done = after
-    return ids, labels
+    if pending:
+        raise DataError(f"{where}: {len(pending)} image(s) are not placed before the last assistant turn, so "
+                        "they would never be seen; put each image block in a user turn before a reply")
+    return ids, labels, join_pieces(pieces) if any(inputs for inputs, _ in pieces) else {}
 
 
 def fit_length(ids: list[int], labels: list[bool], max_length: int) -> tuple[list[int], list[bool], bool]:
@@ -143,16 +181,35 @@ def fit_length(ids: list[int], labels: list[bool], max_length: int) -> tuple[lis
     return ids[first:first + max_length], labels[first:first + max_length], True
 
 
-def encode_examples(tokenizer, conversations: list[tuple[str, list[dict]]], max_length: int,
+def encode_examples(processor, conversations: list[Conversation], max_length: int,
                     end_ids: list[int]) -> tuple[list[SftExample], int]:
-    """Every conversation as an ``SftExample``, and how many were cut to ``max_length``."""
+    """Every conversation as an ``SftExample``, and how many were cut to ``max_length``. Images are
+    decoded here to count their tokens, then let go: a batch decodes its own again."""
+    from grpokit.data.images import open_images
+
     examples, cut = [], 0
-    for where, messages in conversations:
-        ids, labels = encode_conversation(tokenizer, messages, end_ids, where)
+    for conversation in conversations:
+        ids, labels, _ = encode_conversation(processor, conversation.messages, end_ids, conversation.where,
+                                             open_images(conversation.images))
+        if conversation.images and len(ids) > max_length:
+            raise DataError(f"{conversation.where}: the sample has {len(ids)} tokens with its images, over "
+                            f"training.max_length = {max_length}, and image tokens cannot be cut; raise "
+                            "training.max_length or lower model.max_pixels")
         ids, labels, was_cut = fit_length(ids, labels, max_length)
         cut += was_cut
-        examples.append(SftExample(ids, labels, where))
+        examples.append(SftExample(ids, labels, conversation.where, conversation if conversation.images else None))
     return examples, cut
+
+
+def image_inputs(policy, examples: list[SftExample], width: int) -> dict:
+    """The batch's image inputs, made again from each sample's conversation (right-padded to ``width``)."""
+    from grpokit.data.images import open_images
+    from grpokit.models.multimodal import collate
+
+    per_sample = [encode_conversation(policy.processor, e.conversation.messages, policy.eos_ids, e.where,
+                                      open_images(e.conversation.images))[2] if e.conversation else {}
+                  for e in examples]
+    return {key: value.to(policy.device) for key, value in collate(per_sample, width, left=False).items()}
 
 
 # ---------------------------------------------------------------------------- loss
@@ -164,6 +221,7 @@ def token_cross_entropy(policy, examples: list[SftExample]):
     import torch
     import torch.nn.functional as F
 
+    from grpokit.models.multimodal import prompt_positions
     from grpokit.models.padding import pad_right
     from grpokit.models.parts import backbone_and_head
 
@@ -172,8 +230,12 @@ def token_cross_entropy(policy, examples: list[SftExample]):
     ids_NL, mask_NL = pad_right([e.ids for e in examples], pad)
     labels_NL, _ = pad_right([e.labels for e in examples], False)
     ids_NL, mask_NL, labels_NL = ids_NL.to(policy.device), mask_NL.to(policy.device), labels_NL.to(policy.device)
+    inputs = {}
+    if any(e.conversation for e in examples):
+        inputs = image_inputs(policy, examples, ids_NL.size(1))
+        inputs["position_ids"] = prompt_positions(backbone, ids_NL, mask_NL, inputs)
     with policy.autocast():
-        hidden_NLH = backbone(input_ids=ids_NL, attention_mask=mask_NL, use_cache=False).last_hidden_state
+        hidden_NLH = backbone(input_ids=ids_NL, attention_mask=mask_NL, use_cache=False, **inputs).last_hidden_state
         # position t predicts token t+1: only positions followed by an assistant token reach the head
         predicts_NL1 = labels_NL[:, 1:]  # [N, L-1] bool
         hidden_MH = hidden_NLH[:, :-1][predicts_NL1]  # [M, H]
@@ -234,8 +296,8 @@ def setup_sft(recipe):
     conversations = load_conversations(data)  # before the model: bad data fails in a second
     train_rows, eval_rows = hold_out(conversations, data.eval_size, data.seed, data.source)
     policy = load_policy(recipe.model, beta=0.0)
-    train_examples, cut = encode_examples(policy.tokenizer, train_rows, training.max_length, policy.eos_ids)
-    eval_examples, eval_cut = encode_examples(policy.tokenizer, eval_rows, training.max_length, policy.eos_ids)
+    train_examples, cut = encode_examples(policy.processor, train_rows, training.max_length, policy.eos_ids)
+    eval_examples, eval_cut = encode_examples(policy.processor, eval_rows, training.max_length, policy.eos_ids)
     if cut + eval_cut:
         log.warning("%d of %d samples are longer than training.max_length = %d tokens and were cut",
                     cut + eval_cut, len(conversations), training.max_length)
