@@ -38,6 +38,10 @@ class LoraConfig(Section):
     """Module names to adapt (e.g. [q_proj, v_proj]) or "all-linear"."""
     last_k_layers: int | None = Field(None, ge=1)
     """Adapt only the last K transformer blocks (null: every block); fewer trainable weights, less memory."""
+    modules_to_save: list[str] = []
+    """Modules trained in full beside the adapters and saved with them (PEFT's modules_to_save): a VLM's
+    roles (projector, vision) or module names, e.g. [projector] to train a new connector (ms-swift's
+    freeze_aligner: false); a role listed here leaves the default model.freeze."""
 
 
 class ModelConfig(Section):

@@ -72,3 +72,38 @@ def test_a_dataset_in_trls_vlm_format_trains_unchanged(tmp_path):
                                                            "train_size": None, "answer_field": "solution"})
     rows = train_rows(train(recipe_from_dict(recipe)))
     assert [row["step"] for row in rows] == [1, 2]
+
+
+def test_modules_to_save_trains_the_projector_in_full_and_the_sampling_copy_follows(tmp_path):
+    """A new connector (the worked example's) is trained in full beside the language model's adapters."""
+    from grpokit.config import ModelConfig
+    from grpokit.errors import ModelError
+    from grpokit.models.loading import wrap_policy
+
+    def policy_with(**lora):
+        model, processor = tiny_vlm("idefics3")
+        cfg = ModelConfig(path="unused", dtype="float32", device="cpu", lora={"r": 4, "alpha": 8, **lora})
+        return wrap_policy(model, processor, cfg, beta=0.0, device=torch.device("cpu"), merge_lora=True)
+
+    policy = policy_with(modules_to_save=["projector"])
+    trainable = [name for name, p in policy.model.named_parameters() if p.requires_grad]
+    assert any("connector" in name for name in trainable)
+    assert not any("vision_model" in name for name in trainable)  # the default freeze keeps the tower
+    copy = next(m for name, m in policy.model.named_modules() if name.endswith("connector.modules_to_save.default"))
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.add_(1.0)
+    policy.sync_merged()
+    merged = policy.merged.get_submodule("model.connector")
+    assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), merged.state_dict().values()))
+    with pytest.raises(ModelError, match="both name \\['projector'\\]"):
+        model, processor = tiny_vlm("idefics3")
+        wrap_policy(model, processor, ModelConfig(path="unused", device="cpu", freeze=["projector"],
+                                                  lora={"modules_to_save": ["projector"]}),
+                    beta=0.0, device=torch.device("cpu"))
+
+    recipe = vlm_recipe(save_model(*tiny_vlm("idefics3"), tmp_path / "model"), tmp_path / "run",
+                        model={"lora": {"r": 4, "alpha": 8, "modules_to_save": ["projector"]}})
+    run_dir = train(recipe_from_dict(recipe))
+    adapter = load_file(run_dir / "checkpoints" / "step-2" / "adapter_model.safetensors")
+    assert any("connector" in name for name in adapter) and not any("vision_model" in name for name in adapter)

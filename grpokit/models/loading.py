@@ -23,7 +23,8 @@ from grpokit.config import DEFAULT_MODEL
 from grpokit.errors import ModelError
 from grpokit.models.gguf import convert_gguf, embedded_gguf
 from grpokit.models.processors import load_processor
-from grpokit.models.vision import is_multimodal, language_model_layers, role_patterns
+from grpokit.models.vision import (DEFAULT_FROZEN, ROLE_NAMES, is_multimodal, language_model_layers,
+                                   role_patterns, role_prefix)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -109,6 +110,7 @@ class Policy:
         if self.merged is None:
             return
         from peft.tuners.lora import LoraLayer
+        from peft.utils import ModulesToSaveWrapper
 
         targets = dict(self.merged.named_modules())
         for name, module in self.model.named_modules():
@@ -116,6 +118,9 @@ class Policy:
                 target = targets[name.removeprefix("base_model.model.")]
                 delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
                 target.weight.copy_(module.base_layer.weight.float() + delta.float())
+            elif isinstance(module, ModulesToSaveWrapper):  # lora.modules_to_save: a trained copy, not a delta
+                trained = module.modules_to_save[module.active_adapters[0]]
+                targets[name.removeprefix("base_model.model.")].load_state_dict(trained.state_dict())
 
 
 @contextlib.contextmanager
@@ -170,6 +175,32 @@ def language_model_lora_targets(model, lora) -> str:
     return re.escape(layers) + rf"\.(?:{blocks})\.(?:.*\.)?(?:{'|'.join(map(re.escape, names))})"
 
 
+def frozen_entries(model, freeze: list[str] | None, saved: list[str]) -> list[str] | None:
+    """``model.freeze`` as given; its default (None) without the roles ``lora.modules_to_save`` trains.
+    A part both frozen and saved on purpose is a contradiction the recipe has to settle."""
+    if freeze is None:
+        if not saved or not is_multimodal(model):
+            return None
+        return [role for role in DEFAULT_FROZEN if role not in saved]
+    both = sorted(set(freeze) & set(saved))
+    if both:
+        raise ModelError(f"model.freeze and model.lora.modules_to_save both name {both}: a part is either kept "
+                         "frozen or trained in full; remove it from one of them")
+    return freeze
+
+
+def module_path(model, entry: str) -> str:
+    """A ``modules_to_save`` entry as PEFT matches it: a role as its module path, a name as it is."""
+    if entry in ROLE_NAMES:
+        if not is_multimodal(model):
+            raise ModelError(f"model.lora.modules_to_save: {entry!r} names a part of a vision-language model; "
+                             "this is a text model (use module names such as 'lm_head')")
+        return role_prefix(model, entry)
+    if not any(name == entry or name.endswith("." + entry) for name, _ in model.named_modules()):
+        raise ModelError(f"model.lora.modules_to_save: no module is named {entry!r}")
+    return entry
+
+
 def _matching(names: list[str], patterns: list[str]) -> list[str]:
     for pattern in patterns:
         if not any(re.search(pattern, name) for name in names):
@@ -213,7 +244,8 @@ def wrap_policy(model, processor, model_cfg, beta: float, device: torch.device, 
     """Add LoRA (or keep full fine-tuning), pick the reference, and bundle it all as a Policy."""
     dtype = DTYPES[model_cfg.dtype]
     multimodal = is_multimodal(model)
-    freeze = role_patterns(model, model_cfg.freeze)
+    saved = model_cfg.lora.modules_to_save if model_cfg.lora is not None else []
+    freeze = role_patterns(model, frozen_entries(model, model_cfg.freeze, saved))
     tokenizer = getattr(processor, "tokenizer", processor)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -234,6 +266,7 @@ def wrap_policy(model, processor, model_cfg, beta: float, device: torch.device, 
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             target_modules=targets, task_type="CAUSAL_LM", layers_to_transform=layers,
             exclude_modules=frozen_modules_regex(model, freeze),
+            modules_to_save=[module_path(model, entry) for entry in saved] or None,
         )
         model = get_peft_model(model, config)  # adapters stay fp32 (autocast_adapter_dtype)
     else:
