@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.grpokit-installed
 # of pulling a multi-GB CUDA build. Override on a GPU machine: make TORCH_SPEC=torch test
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test clean
+.PHONY: setup demo vlm-demo test clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,15 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/grpokit train recipes/demo.yaml --overwrite
 	$(VENV)/bin/grpokit report runs/demo
+
+# The vision-language worked example: a VLM built around the embedded SmolLM2, its new vision
+# encoder and connector aligned on captions (grpokit sft), then GRPO on a colour question
+# about held-out images. docs/vlm/ holds a recorded run.
+vlm-demo: $(STAMP)
+	test -d runs/vlm-base || $(VENV)/bin/grpokit assemble --out runs/vlm-base
+	$(VENV)/bin/grpokit sft recipes/vlm/sft-align.yaml --overwrite
+	$(VENV)/bin/grpokit train recipes/vlm/grpo.yaml --overwrite
+	$(VENV)/bin/grpokit report runs/vlm-demo
 
 test: $(STAMP)
 	$(PY) -m pytest

@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(func=cmd_compare)
     from grpokit.data.commands import add_data_commands
     from grpokit.eval.generate import add_generate_command
-
+    from grpokit.models.assemble import add_assemble_command
     from grpokit.train.reward_model import add_reward_model_command
     from grpokit.train.sft import add_sft_command
 
@@ -241,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_command(sub)
     add_sft_command(sub)
     add_reward_model_command(sub)
+    add_assemble_command(sub)
     rewards = sub.add_parser("rewards", help="work with a recipe's reward functions")
     rewards_sub = rewards.add_subparsers(dest="rewards_command", required=True)
     check = rewards_sub.add_parser("check", help="score given completions and print a per-component table")

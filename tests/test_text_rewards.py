@@ -79,6 +79,15 @@ def test_label_with_allowed_labels():
     assert label(None, completions, answer=["not sure", "not", "not", "sure"], labels=labels) == [1.0, 0.0, 1.0, 0.0]
 
 
+def test_label_takes_each_rows_own_labels_from_a_data_column():
+    """The built-in visual tasks carry their allowed labels per row; the reward reads them per row."""
+    palette = ["red", "green", "blue"]
+    completions = ["Red.", "The shape is red", "blue circle", "Green"]
+    assert label(None, completions, answer=["red", "red", "blue", None], labels=[palette] * 4) == [1.0, 0.0, 1.0, None]
+    assert label(None, ["not sure"], answer=["not"], labels=[["not", "not sure"]]) == [0.0]
+    assert label(None, ["red"], labels=[palette]) == [None]
+
+
 # ---------------------------------------------------------------- tags
 
 

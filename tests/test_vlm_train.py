@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 from conftest import tiny_recipe
 from grpokit.config import recipe_from_dict
 from grpokit.models.assemble import FAMILIES, save_model
+from grpokit.report import write_report
+from grpokit.report.markdown import _paired_samples
 from grpokit.train import train
 from test_vlm_models import tiny_vlm
 
@@ -53,7 +55,15 @@ def test_two_grpo_steps_with_images_for_each_family(vlm_dir, tmp_path):
     assert rows[-1]["grad_norm"] > 0  # the language model's adapters learned from image prompts
     adapter = load_file(run_dir / "checkpoints" / "step-2" / "adapter_model.safetensors")
     assert adapter and all("language_model" in name or "text_model" in name for name in adapter), family
-    assert (run_dir / "eval" / "step-2.json").is_file()
+    # the report shows each held-out image beside its before and after replies
+    samples = json.loads((run_dir / "eval" / "step-2.json").read_text())["samples"]
+    keys = [key for sample in samples for key in sample["images"]]
+    assert len(set(keys)) == len(samples) == 4 and all((run_dir / "eval" / "images" / f"{k}.png").is_file() for k in keys)
+    report = write_report(run_dir).read_text()
+    evals = [json.loads((run_dir / "eval" / f"step-{step}.json").read_text()) for step in (0, 2)]
+    pairs = _paired_samples(evals)  # the same question about four images: paired by image, not by text
+    assert len(pairs) == 4 and all(before["images"] == after["images"] for before, after in pairs)
+    assert all(f"![image](eval/images/{k}.png)" in report for k in keys)
 
 
 def test_a_dataset_in_trls_vlm_format_trains_unchanged(tmp_path):

@@ -33,6 +33,7 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 
 COLOUR_QUESTION = "What colour is the shape? Answer with one word."
 SHAPE_QUESTION = "Which shape is this: circle, square or triangle? Answer with one word."
+CAPTION_QUESTION = "Describe the image."
 
 # The background stays within [TINT_LOW, TINT_HIGH + 2 * NOISE]: light, and never a palette colour.
 TINT_LOW, TINT_HIGH, NOISE = 225, 245, 4
@@ -121,9 +122,19 @@ def shape_kind(rng: random.Random) -> Row:
     return vlm_row(SHAPE_QUESTION, png_bytes(image), facts.shape, list(SHAPES))
 
 
+def shape_caption(rng: random.Random) -> Row:
+    """"Describe the image." answered by a sentence naming the colour and the shape: the image-text
+    pairs a new vision encoder and connector are aligned on before a question is asked (LLaVA's and
+    SmolVLM's first stage). Rows carry the reply as ``completion``, so ``grpokit sft`` trains on them."""
+    image, facts = render_shapes(rng)
+    caption = f"The image shows a {facts.colour} {facts.shape} on a light background."
+    return {**vlm_row(CAPTION_QUESTION, png_bytes(image), caption, []), "completion": caption}
+
+
 VISUAL_TASKS: dict[str, Callable[[random.Random], Row]] = {
     "shape_colour": shape_colour,
     "shape_kind": shape_kind,
+    "shape_caption": shape_caption,
 }
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from grpokit.errors import GrpokitError
+from grpokit.log import json_ready
 
 ROW_SEED_STRIDE = 1_000_003
 # fields every line has; a data column of the same name would be overwritten, so it is refused
@@ -176,7 +177,8 @@ def make_line(index: int, row: dict, texts: list[str], lengths: list[int], rewar
     if rewards is not None:
         line["rewards"] = rewards
     line.update(model=model, seed=seed)
-    return (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8")
+    # image paths stay paths (a later stage reads the images again); encoded bytes become a label
+    return (json.dumps(json_ready(line), ensure_ascii=False) + "\n").encode("utf-8")
 
 
 def _check_arguments(k: int, limit: int | None, batch_size: int) -> None:

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
+from grpokit.data.images import message_text
 from grpokit.eval.metrics import bootstrap_interval, distinct_n, pass_at_k, self_bleu
+from grpokit.eval.thumbnails import image_key
 from grpokit.rewards import RewardSet, as_completions, columns_of, trainer_state
 from grpokit.rollout import PromptEncoder, build_sampler
 
@@ -141,11 +143,8 @@ def evaluate(policy, rows: list[dict], rewards: RewardSet, settings: EvalSetting
         "completion_length": mean(lengths) if lengths else 0.0,
         "num_examples": len(rows),
         "accuracy_reward": settings.accuracy_reward,
-        "samples": [
-            {"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": t, "answer": r.get("answer"),
-             "reward": total_N[i].item(), "correct": correct[i]}
-            for i, (p, t, r) in enumerate(zip([r["prompt"] for r in rows[:settings.num_samples]], texts, rows))
-        ],
+        "samples": [_sample(r, t, total_N[i].item(), correct[i]) for i, (r, t) in
+                    enumerate(zip(rows[:settings.num_samples], texts))],
         "sampling": None,
     }
     by_source = source_accuracy(rows, correct, settings.seed)
@@ -157,6 +156,17 @@ def evaluate(policy, rows: list[dict], rewards: RewardSet, settings: EvalSetting
         s_total_N, s_correct, s_means = _score(rows, s_texts, s_ids, rewards, settings, step, k)
         result["sampling"] = sampled_metrics(rows, s_texts, s_lengths, s_correct, s_total_N, s_means, settings)
     return result
+
+
+def _sample(row: dict, text: str, reward: float, correct: bool) -> dict[str, Any]:
+    """One verbatim sample: the question's text (a chat prompt's last message), the reply, its verdict,
+    and the keys of the row's images (``eval/thumbnails.py`` stores them once)."""
+    prompt = row["prompt"]
+    sample = {"prompt": prompt if isinstance(prompt, str) else message_text(prompt[-1].get("content")),
+              "completion": text, "answer": row.get("answer"), "reward": reward, "correct": correct}
+    if row.get("images"):
+        sample["images"] = [image_key(ref) for ref in row["images"]]
+    return sample
 
 
 def metrics_line(result: dict[str, Any]) -> dict[str, Any]:

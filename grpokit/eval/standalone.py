@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from grpokit.errors import GrpokitError
+from grpokit.eval.thumbnails import write_thumbnails
 from grpokit.models.checkpoint import latest_checkpoint
 
 _STEP_NAME = re.compile(r"step-\d+")
@@ -120,4 +121,5 @@ def run_evaluation(model: str, *, recipe_path: str | None = None, overrides: lis
         result = {"name": name, "model": str(target.checkpoint or model), "data": recipe.data.label,
                   **evaluate(policy, rows, rewards, EvalSettings.from_recipe(recipe), checkpoint_step(target))}
     write_json(destination, result)
+    write_thumbnails(rows[:recipe.eval.num_samples], destination.parent / "images")
     return destination, result

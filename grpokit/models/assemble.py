@@ -169,3 +169,58 @@ def save_model(model, processor, out: str | Path) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def build_around(language_model: str, out: str | Path, family: str = "idefics3", image_size: int = 64,
+                 vision: dict | None = None, seed: int = 0) -> Path:
+    """A VLM of ``family`` around a pretrained causal LM (``model.path`` forms: a directory, a .gguf file or
+    the embedded smollm2-135m-instruct), its vision encoder and connector new and random, saved to ``out``.
+
+    That is how SmolVLM and LLaVA start; the connector then needs aligning on image-caption pairs
+    (``builtin:shape_caption`` with ``grpokit sft``, the language model frozen) before the model can
+    answer about an image. The language model's chat template and its default system message are kept.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from grpokit.models.loading import resolve_model_dir
+
+    source = resolve_model_dir(language_model)
+    lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model, processor = assemble(family, tokenizer, lm.config, vision=vision, image_size=image_size,
+                                language_model_state=lm.state_dict(), default_system=_default_system(tokenizer),
+                                seed=seed)
+    return save_model(model, processor, out)
+
+
+def _default_system(tokenizer) -> str | None:
+    """The system message a chat template adds when a conversation has none (SmolLM2's names itself)."""
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    start, end = "<|im_start|>system\n", "<|im_end|>"
+    if rendered.startswith(start) and end in rendered:
+        return rendered[len(start):rendered.index(end)]
+    return None
+
+
+def add_assemble_command(subparsers) -> None:
+    parser = subparsers.add_parser("assemble", help="build a vision-language model around a pretrained language "
+                                                    "model (new vision encoder and connector), as SmolVLM is built")
+    parser.add_argument("--language-model", default="smollm2-135m-instruct",
+                        help="a model directory, a .gguf file or smollm2-135m-instruct (default)")
+    parser.add_argument("--family", default="idefics3", choices=sorted(FAMILIES))
+    parser.add_argument("--image-size", type=int, default=64, help="pixels a side the processor resizes to")
+    parser.add_argument("--vision-hidden", type=int, default=128, help="the vision encoder's width")
+    parser.add_argument("--vision-layers", type=int, default=2, help="the vision encoder's blocks")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, help="the model directory to write (used as model.path)")
+    parser.set_defaults(func=_cmd_assemble)
+
+
+def _cmd_assemble(args) -> int:
+    if Path(args.out).exists():
+        raise ModelError(f"{args.out} exists; choose another --out or remove it (a model is never overwritten)")
+    vision = {"hidden_size": args.vision_hidden, "intermediate_size": 2 * args.vision_hidden,
+              "num_hidden_layers": args.vision_layers, "num_attention_heads": 4}
+    out = build_around(args.language_model, args.out, args.family, args.image_size, vision, args.seed)
+    print(f"wrote {out}: align its connector with `grpokit sft` on image-caption pairs, then use it as model.path")
+    return 0

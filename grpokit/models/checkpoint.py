@@ -105,7 +105,7 @@ def save_checkpoint(policy, directory: str | Path, state: dict, torch_state: dic
 
     def write(staging: Path) -> None:
         policy.model.save_pretrained(staging, safe_serialization=True)
-        policy.tokenizer.save_pretrained(staging)
+        policy.processor.save_pretrained(staging)  # a VLM: its processor, tokenizer included
         for name, value in (torch_state or {}).items():
             torch.save(value, staging / f"{name}.pt")
         (staging / STATE_FILE).write_text(json.dumps(state, indent=2))

@@ -273,9 +273,22 @@ def _paired_samples(evals: list[Row]) -> list[tuple[Row, Row]]:
     """The latest eval's samples whose prompt the earliest eval also sampled, in order."""
     if len(evals) < 2:
         return []
-    before = {_prompt_text(s.get("prompt")): s for s in evals[0].get("samples") or [] if isinstance(s, dict)}
+    before = {_sample_key(s): s for s in evals[0].get("samples") or [] if isinstance(s, dict)}
     after = [s for s in evals[-1].get("samples") or [] if isinstance(s, dict)]
-    return [(before[p], s) for s in after if (p := _prompt_text(s.get("prompt"))) in before][:MAX_SAMPLES]
+    return [(before[k], s) for s in after if (k := _sample_key(s)) in before][:MAX_SAMPLES]
+
+
+def _sample_key(sample: Row) -> tuple:
+    """A held-out row as its prompt and its images: a visual task asks one question of many images."""
+    images = sample.get("images")
+    return _prompt_text(sample.get("prompt")), tuple(images) if isinstance(images, list) else ()
+
+
+def _prompt_cell(sample: Row) -> str:
+    """The question, after thumbnails of its images (``eval/images/<key>.png``, written beside the evals)."""
+    images = sample.get("images") if isinstance(sample.get("images"), list) else []
+    thumbnails = "".join(f"![image](eval/images/{key}.png) " for key in images if re.fullmatch(r"[0-9a-f]+", str(key)))
+    return thumbnails + cell(_prompt_text(sample.get("prompt")))
 
 
 def _training_samples(samples: list[Row]) -> list[str]:
@@ -299,7 +312,7 @@ def samples_section(evals: list[Row], samples: list[Row]) -> list[str]:
     before, after = f"before (step {evals[0].get('step')})", f"after (step {evals[-1].get('step')})"
     header = ["prompt", "answer", before, "correct", after, "correct"]
     rows = [
-        [cell(_prompt_text(a.get("prompt"))), cell(a.get("answer", _DASH))]
+        [_prompt_cell(a), cell(a.get("answer", _DASH))]
         + [cell(b.get("completion", "")), _correct(b), cell(a.get("completion", "")), _correct(a)]
         for b, a in pairs
     ]

@@ -67,8 +67,14 @@ def label(prompts, completions, answer=None, labels=None, **_) -> list[float | N
     the reference's n words (n = 1 for a one-word label). With ``labels`` (allowed labels),
     the predicted label is the longest allowed label whose words begin the line (the
     first such label in list order when none is a prefix of another); it must equal the
-    reference. No allowed label at the start gives 0.0.
+    reference. No allowed label at the start gives 0.0. ``labels`` is a recipe argument (one list
+    for every row) or a data column (each row its own list, as the built-in visual tasks carry).
     """
+    if labels and all(isinstance(allowed, (list, tuple)) for allowed in labels):
+        if answer is None:
+            return [None] * len(completions)
+        return [None if ref is None else float(label_matches(completion_text(c), ref, allowed))
+                for c, ref, allowed in zip(completions, answer, labels)]
     return per_row(completions, answer, lambda text, ref: label_matches(text, ref, labels))
 
 

@@ -25,6 +25,7 @@ import torch
 from grpokit import __version__
 from grpokit.config import Recipe, dump_recipe
 from grpokit.eval import EvalSettings, evaluate, metrics_line
+from grpokit.eval.thumbnails import write_thumbnails
 from grpokit.io import write_json, write_text
 from grpokit.log import RunLogger
 from grpokit.models import save_checkpoint
@@ -71,6 +72,7 @@ def run_eval(run: Run, step: int, run_dir: Path, logger: RunLogger) -> dict[str,
     log.info("eval at step %d: accuracy %.1f%% (%d held-out rows), mean reward %.3f",
              step, 100 * result["accuracy"], result["num_examples"], result["reward"])
     write_json(run_dir / "eval" / f"step-{step}.json", result)
+    write_thumbnails(run.eval_rows[:run.recipe.eval.num_samples], run_dir / "eval" / "images")
     logger.metrics({"step": step, "kind": "eval", **metrics_line(result)})
     return result
 

@@ -71,9 +71,13 @@ def load_conversations(data) -> list[Conversation]:
     ``image``/``images`` (TRL's columns; paths relative to the data file) are checked now and their
     placeholders matched to them (TRL's placement when the messages have none)."""
     from grpokit.data.images import check_images, image_refs, with_image_blocks
-    from grpokit.data.loaders import read_jsonl
+    from grpokit.data.loaders import DEFAULT_TASK_SIZE, make_builtin, read_jsonl
 
-    rows = read_jsonl(data.source)
+    if data.source.startswith("builtin:"):  # a generated task whose rows carry their reply (shape_caption)
+        rows = [{**row, "_line": f"row {i + 1}"} for i, row in
+                enumerate(make_builtin(data.source.split(":", 1)[1], DEFAULT_TASK_SIZE, 0, data.seed)[0])]
+    else:
+        rows = read_jsonl(data.source)
     if not rows:
         raise DataError(f"{data.source}: the file holds no samples")
     out = []
@@ -277,7 +281,7 @@ def save_trained(policy, directory: Path) -> Path:
 
     def write(staging: Path) -> None:
         policy.model.save_pretrained(staging, safe_serialization=True)
-        policy.tokenizer.save_pretrained(staging)
+        policy.processor.save_pretrained(staging)  # a VLM: its processor, tokenizer included
 
     return save_directory(directory, write)
 
