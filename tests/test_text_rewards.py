@@ -86,6 +86,11 @@ def test_label_takes_each_rows_own_labels_from_a_data_column():
     assert label(None, completions, answer=["red", "red", "blue", None], labels=[palette] * 4) == [1.0, 0.0, 1.0, None]
     assert label(None, ["not sure"], answer=["not"], labels=[["not", "not sure"]]) == [0.0]
     assert label(None, ["red"], labels=[palette]) == [None]
+    from grpokit.rewards.text import two_line_verdict
+
+    replies = ["pass\nReason: clean", "ok\nReason: clean"]
+    assert two_line_verdict(None, replies, verdicts=[["pass", "fail"], ["ok"]]) == [1.0, 1.0]
+    assert two_line_verdict(None, replies, verdicts=["pass", "fail"]) == [1.0, 0.0]
 
 
 # ---------------------------------------------------------------- tags

@@ -25,7 +25,7 @@ import unicodedata
 from typing import Callable
 
 from grpokit.errors import RewardError
-from grpokit.rewards.builtin import format_regex, per_row
+from grpokit.rewards.builtin import format_regex
 from grpokit.rewards.maths import is_correct
 from grpokit.rewards.registry import register
 from grpokit.rewards.rewardset import completion_text
@@ -70,12 +70,19 @@ def label(prompts, completions, answer=None, labels=None, **_) -> list[float | N
     reference. No allowed label at the start gives 0.0. ``labels`` is a recipe argument (one list
     for every row) or a data column (each row its own list, as the built-in visual tasks carry).
     """
-    if labels and all(isinstance(allowed, (list, tuple)) for allowed in labels):
-        if answer is None:
-            return [None] * len(completions)
-        return [None if ref is None else float(label_matches(completion_text(c), ref, allowed))
-                for c, ref, allowed in zip(completions, answer, labels)]
-    return per_row(completions, answer, lambda text, ref: label_matches(text, ref, labels))
+    if answer is None:
+        return [None] * len(completions)
+    return [None if ref is None else float(label_matches(completion_text(c), ref, allowed))
+            for c, ref, allowed in zip(completions, answer, each_row(labels, len(completions)))]
+
+
+def each_row(option, n: int) -> list:
+    """A list option per completion: a data column (a list of lists, one per row) as it is, a recipe
+    argument (one list, or None) repeated for every completion."""
+    if isinstance(option, (list, tuple)) and len(option) == n and option and all(
+            isinstance(item, (list, tuple)) for item in option):
+        return list(option)
+    return [option] * n
 
 
 # ---------------------------------------------------------------- tags
@@ -150,9 +157,10 @@ def two_line_verdict(prompts, completions, verdicts=None, reason_prefix: str = "
     ignored); if the prefix ends in a colon, the colon may be ":" or "：" with optional
     spaces around it; non-empty text must follow.
     """
-    allowed = None if verdicts is None else {_core(v) for v in ([verdicts] if isinstance(verdicts, str) else verdicts)}
     values = []
-    for completion in completions:
+    for completion, row_verdicts in zip(completions, each_row(verdicts, len(completions))):
+        allowed = None if row_verdicts is None else {
+            _core(v) for v in ([row_verdicts] if isinstance(row_verdicts, str) else row_verdicts)}
         lines = [line.rstrip() for line in completion_text(completion).splitlines()]
         while lines and not lines[-1]:
             lines.pop()
