@@ -79,9 +79,17 @@ def test_a_dataset_in_trls_vlm_format_trains_unchanged(tmp_path):
                       "image": f"images/{i}.png", "solution": colour})
     (folder / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     recipe = vlm_recipe(model_dir, tmp_path / "run", data={"source": str(folder / "train.jsonl"), "eval_size": 2,
-                                                           "train_size": None, "answer_field": "solution"})
-    rows = train_rows(train(recipe_from_dict(recipe)))
-    assert [row["step"] for row in rows] == [1, 2]
+                                                           "train_size": None, "answer_field": "solution"},
+                        # replayed groups carry their images too; a checkpoint resumes with the processor
+                        algorithm={"beta": 0.05, "replay": {"capacity": 4, "ratio": 0.5}},
+                        training={"save_every": 1})
+    run_dir = train(recipe_from_dict(recipe))
+    assert [row["step"] for row in train_rows(run_dir)] == [1, 2]
+    assert (run_dir / "checkpoints" / "step-2" / "processor_config.json").is_file()
+    recipe["training"]["max_steps"] = 3
+    train(recipe_from_dict(recipe), resume=True)
+    rows = train_rows(run_dir)
+    assert [row["step"] for row in rows] == [1, 2, 3] and rows[-1]["replay/reuse_rate"] == 0.5
 
 
 def test_modules_to_save_trains_the_projector_in_full_and_the_sampling_copy_follows(tmp_path):
