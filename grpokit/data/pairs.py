@@ -42,6 +42,7 @@ from grpokit.data.episodes import (
     validation_message,
 )
 from grpokit.data.chat import as_chat, check_messages
+from grpokit.data.images import check_images, count_placeholders, image_refs, with_image_blocks
 from grpokit.errors import DataError
 from grpokit.imports import import_function
 
@@ -321,11 +322,31 @@ def pair_of(row: dict, where: str) -> tuple[list[dict], list[dict], list[dict]]:
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
-def read_preference_rows(source: str) -> list[tuple[str, tuple[list[dict], list[dict], list[dict]]]]:
-    """``(file:line, (prompt, chosen, rejected))`` per row of a preference file, every row checked."""
+PreferenceRow = tuple[str, tuple[list[dict], list[dict], list[dict]], list]
+
+
+def read_preference_rows(source: str) -> list[PreferenceRow]:
+    """``(file:line, (prompt, chosen, rejected), images)`` per row of a preference file, every row checked.
+
+    ``images`` are the row's ``image``/``images`` (TRL's columns; paths relative to the data file) as
+    absolute paths or bytes, each checked readable now; the prompt then holds one image block per
+    image (TRL's placement when it has none), and the replies may hold none. ``[]`` for a text row."""
     from grpokit.data.loaders import read_jsonl
 
     rows = read_jsonl(source)
     if not rows:
         raise DataError(f"{source}: the file holds no preference pairs")
-    return [(f"{source}:{row['_line']}", pair_of(row, f"{source}:{row['_line']}")) for row in rows]
+    out = []
+    for row in rows:
+        where = f"{source}:{row['_line']}"
+        prompt, chosen, rejected = pair_of(row, where)
+        for name, reply in (("chosen", chosen), ("rejected", rejected)):
+            if count_placeholders(reply):
+                raise DataError(f"{where}: {name!r} has an image block; a pair's images belong in its prompt, "
+                                "which both replies share")
+        refs = image_refs(row, where, Path(source).parent)
+        if refs or any(not isinstance(m.get("content"), str) for m in prompt):
+            check_images(refs, where)
+            prompt = with_image_blocks(prompt, len(refs), where)
+        out.append((where, (prompt, chosen, rejected), refs))
+    return out
