@@ -22,6 +22,7 @@ import torch
 from grpokit.config import DEFAULT_MODEL
 from grpokit.errors import ModelError
 from grpokit.models.gguf import convert_gguf, embedded_gguf
+from grpokit.models.multimodal import tokenizer_of
 from grpokit.models.processors import load_processor
 from grpokit.models.vision import (DEFAULT_FROZEN, ROLE_NAMES, is_multimodal, language_model_layers,
                                    role_patterns, role_prefix)
@@ -76,7 +77,7 @@ class Policy:
     @property
     def tokenizer(self):
         """The text tokenizer: the processor itself, or the one a multimodal processor holds."""
-        return getattr(self.processor, "tokenizer", self.processor)
+        return tokenizer_of(self.processor)
 
     def autocast(self):
         """Matmuls in the compute dtype; a no-op for fp32."""
@@ -246,7 +247,7 @@ def wrap_policy(model, processor, model_cfg, beta: float, device: torch.device, 
     multimodal = is_multimodal(model)
     saved = model_cfg.lora.modules_to_save if model_cfg.lora is not None else []
     freeze = role_patterns(model, frozen_entries(model, model_cfg.freeze, saved))
-    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer = tokenizer_of(processor)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     eos = eos_token_ids(tokenizer, model)
@@ -295,7 +296,7 @@ def load_policy(model_cfg, beta: float, merge_lora: bool = False) -> Policy:
         model = model_class.from_pretrained(source, dtype=torch.float32, attn_implementation=attention, **kwargs)
     except OSError as exc:
         raise ModelError(f"model.path {model_cfg.path!r}: cannot load ({exc})") from None
-    getattr(processor, "tokenizer", processor).padding_side = "left"
+    tokenizer_of(processor).padding_side = "left"
     if model_cfg.adapter:
         model = merge_adapter(model, model_cfg.adapter)
     return wrap_policy(model, processor, model_cfg, beta, device, merge_lora)

@@ -96,3 +96,28 @@ def positions_after(positions_XBP: torch.Tensor, group_size: int, steps: int) ->
     every rotary dimension (Qwen's text tokens share one position across the three)."""
     last_XN1 = positions_XBP[..., -1:].repeat_interleave(group_size, dim=-2)
     return last_XN1 + 1 + torch.arange(steps, device=positions_XBP.device)
+
+
+def tokenizer_of(processor):
+    """The text tokenizer: the processor itself (a text model), or the one a VLM's processor holds."""
+    return getattr(processor, "tokenizer", processor)
+
+
+def chat_template_of(processor) -> str | None:
+    """The template prompts are rendered with: a VLM processor's own (it renders image blocks), else the
+    tokenizer's; None when there is neither."""
+    return getattr(processor, "chat_template", None) or tokenizer_of(processor).chat_template
+
+
+def reads_images(processor) -> bool:
+    """Whether ``processor`` prepares images (a VLM's processor has an image processor)."""
+    return getattr(processor, "image_processor", None) is not None
+
+
+def process_text(processor, text: str, images: list) -> tuple[list[int], dict]:
+    """Rendered text with its images through a multimodal processor: the token ids (each image's
+    placeholder expanded to its image tokens) and the other model inputs it returns, unpadded."""
+    options = {"return_mm_token_type_ids": True} if "mm_token_type_ids" in processor.model_input_names else {}
+    out = processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False, **options)
+    return out["input_ids"][0].tolist(), {key: value for key, value in out.items()
+                                          if key not in ("input_ids", "attention_mask")}

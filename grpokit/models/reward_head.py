@@ -43,8 +43,10 @@ HEAD_FILE = "head.safetensors"
 def render_scored(processor, messages: list[dict], where: str = "<text>") -> str:
     """A whole conversation as the scorer reads it: through the processor's chat template (a VLM's
     own, which renders image blocks), else the tokenizer's."""
-    tokenizer = getattr(processor, "tokenizer", processor)
-    template = getattr(processor, "chat_template", None) or tokenizer.chat_template
+    from grpokit.models.multimodal import chat_template_of, tokenizer_of
+
+    tokenizer = tokenizer_of(processor)
+    template = chat_template_of(processor)
     if template is None:
         raise DataError(f"{where}: the tokenizer has no chat template; the reward model renders prompt + response "
                         "with it")
@@ -54,7 +56,9 @@ def render_scored(processor, messages: list[dict], where: str = "<text>") -> str
 def encode_scored(processor, messages: list[dict], max_length: int, where: str = "<text>") -> tuple[list[int], bool]:
     """Token ids of a whole rendered text-only conversation, cut from the left to ``max_length``; and
     whether it was cut. ``processor``: a tokenizer, or a VLM's processor (its template, its tokenizer)."""
-    tokenizer = getattr(processor, "tokenizer", processor)
+    from grpokit.models.multimodal import tokenizer_of
+
+    tokenizer = tokenizer_of(processor)
     ids = tokenizer(render_scored(processor, messages, where), add_special_tokens=False)["input_ids"]
     return ids[-max_length:], len(ids) > max_length
 
@@ -92,12 +96,15 @@ class RewardScorer:
 
     @property
     def tokenizer(self):
-        """The text tokenizer: the processor itself (a text model), or the one a VLM's processor holds."""
-        return getattr(self.processor, "tokenizer", self.processor)
+        from grpokit.models.multimodal import tokenizer_of
+
+        return tokenizer_of(self.processor)
 
     @property
     def multimodal(self) -> bool:
-        return getattr(self.processor, "image_processor", None) is not None
+        from grpokit.models.multimodal import reads_images
+
+        return reads_images(self.processor)
 
     def autocast(self):
         import contextlib

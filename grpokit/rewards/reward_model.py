@@ -23,7 +23,7 @@ def encode_with_images(scorer: RewardScorer, prompt: Any, completion: str, image
                        where: str) -> tuple[list[int], dict]:
     """One completion's token ids and image inputs, its prompt's images decoded now; a completion of a
     text prompt is encoded (and cut) as in ``RewardScorer.score``."""
-    from grpokit.rollout.encoding import process_text
+    from grpokit.models.multimodal import process_text
 
     if not images:
         return scorer.encode(prompt, completion), {}

@@ -16,6 +16,7 @@ import torch
 from grpokit.data.chat import prompt_messages, render_chat
 from grpokit.data.images import PLACEHOLDER, message_text, open_images, with_image_blocks
 from grpokit.errors import DataError
+from grpokit.models.multimodal import chat_template_of, process_text, reads_images, tokenizer_of
 from grpokit.models.padding import left_pad
 
 
@@ -51,17 +52,17 @@ class PromptEncoder:
 
     @property
     def tokenizer(self):
-        return getattr(self.processor, "tokenizer", self.processor)
+        return tokenizer_of(self.processor)
 
     @property
     def multimodal(self) -> bool:
-        return getattr(self.processor, "image_processor", None) is not None
+        return reads_images(self.processor)
 
     def _text(self, messages: list[dict] | str, where: str) -> str:
         """The prompt as the model reads it: through the chat template (the processor's, for a VLM), or
         the messages' text joined when the recipe turns the template off."""
         tokenizer = self.tokenizer
-        template = getattr(self.processor, "chat_template", None) or tokenizer.chat_template
+        template = chat_template_of(self.processor)
         if self.chat_template and template is not None:
             return render_chat(tokenizer, prompt_messages(messages, self.system_prompt), where,
                                generation_prompt=True, template=template)
@@ -108,15 +109,6 @@ class PromptEncoder:
         ids_BP, mask_BP = left_pad(encoded, self.tokenizer.pad_token_id)
         return PromptBatch(ids_BP, mask_BP, rows=list(rows), multimodal=images if self.multimodal else None,
                            truncated=truncated)
-
-
-def process_text(processor, text: str, images: list) -> tuple[list[int], dict]:
-    """Rendered text with its images through a multimodal processor: the token ids (each image's
-    placeholder expanded to its image tokens) and the other model inputs it returns, unpadded."""
-    options = {"return_mm_token_type_ids": True} if "mm_token_type_ids" in processor.model_input_names else {}
-    out = processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False, **options)
-    return out["input_ids"][0].tolist(), {key: value for key, value in out.items()
-                                          if key not in ("input_ids", "attention_mask")}
 
 
 def _blocks(content) -> list[dict]:

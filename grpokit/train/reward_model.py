@@ -68,7 +68,7 @@ class PairExample:
 def encode_image_pair(processor, prompt: list[dict], chosen: list[dict], rejected: list[dict], images: list,
                       max_length: int, where: str) -> PairExample:
     """Both sides of a pair with images through the processor, its images decoded once for both."""
-    from grpokit.rollout.encoding import process_text
+    from grpokit.models.multimodal import process_text
 
     texts = (render_scored(processor, prompt + chosen, where), render_scored(processor, prompt + rejected, where))
     decoded = open_images(images)
@@ -98,7 +98,7 @@ def encode_pairs(rows: list[PreferenceRow], processor, max_length: int, system_p
 def pair_image_inputs(processor, pairs: list[PairExample]) -> list[dict]:
     """The image inputs of the chosen sides, then of the rejected sides (``{}`` for a pair without
     images), made again from each pair's texts and images."""
-    from grpokit.rollout.encoding import process_text
+    from grpokit.models.multimodal import process_text
 
     chosen, rejected = [], []
     for pair in pairs:
@@ -170,6 +170,7 @@ def describe(recipe, policy, hidden_size: int) -> dict[str, Any]:
 def setup_reward_model(recipe):
     """Pairs checked, model and head built, pairs tokenized: the ``SupervisedJob`` the shared loop runs."""
     from grpokit.models import load_policy
+    from grpokit.models.multimodal import reads_images
     from grpokit.train.supervised import SupervisedJob, hold_out
 
     data, training, head_cfg = recipe.data, recipe.training, recipe.head
@@ -177,7 +178,7 @@ def setup_reward_model(recipe):
     train_rows, eval_rows = hold_out(rows, data.eval_size, data.seed, data.source)
     policy = load_policy(recipe.model, beta=0.0)
     with_images = next((where for where, _, images in rows if images), None)
-    if with_images and getattr(policy.processor, "image_processor", None) is None:
+    if with_images and not reads_images(policy.processor):
         raise DataError(f"{with_images}: the pair has images, but model.path {recipe.model.path!r} is a text "
                         "model; use a vision-language model, or drop the image/images columns")
     hidden_size = policy.model.config.get_text_config().hidden_size

@@ -121,11 +121,10 @@ def encode_conversation(processor, messages: list[dict], end_ids: list[int], whe
     processor with its images (decoded PIL images, in order), which expands each image's
     placeholder into its image tokens; images sit in user turns, so replies stay plain text.
     """
-    from grpokit.models.multimodal import join_pieces
-    from grpokit.rollout.encoding import process_text
+    from grpokit.models.multimodal import chat_template_of, join_pieces, process_text, tokenizer_of
 
-    tokenizer = getattr(processor, "tokenizer", processor)
-    template = getattr(processor, "chat_template", None) or tokenizer.chat_template
+    tokenizer = tokenizer_of(processor)
+    template = chat_template_of(processor)
     if template is None:
         raise DataError(f"{where}: the tokenizer has no chat template; SFT renders conversations with it")
     pending = list(images or [])
