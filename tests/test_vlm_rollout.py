@@ -159,3 +159,16 @@ def test_the_vision_tower_runs_once_per_prompt_not_per_sample(vlm):
         assert seen[0] == per_prompt  # every prompt's patches once
     else:
         assert seen[0] <= per_prompt  # real images only (padding images are dropped), never G copies
+
+
+def test_a_text_only_prompt_beside_image_prompts_decodes_as_it_does_alone(vlm):
+    """Mixed batches: a row without images gets no image inputs (blank images for Idefics3's stack,
+    zero token types for Qwen), and every row decodes as it would in a batch of its own."""
+    family, policy = vlm
+    text_row = {"prompt": [{"role": "user", "content": "Say a colour."}]}
+    rows = [ROWS[1], text_row, ROWS[0]]
+    sampler = build_sampler(policy, max_new_tokens=6)
+    together = sampler.generate(encoder_of(policy)(rows), num_generations=1, greedy=True).completion_ids_NC
+    for i, row in enumerate(rows):
+        alone = sampler.generate(encoder_of(policy)([row]), num_generations=1, greedy=True).completion_ids_NC
+        assert together[i].tolist() == alone[0].tolist(), (family, i)
