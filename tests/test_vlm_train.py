@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from conftest import tiny_recipe
 from grpokit.config import recipe_from_dict
 from grpokit.models.assemble import FAMILIES, save_model
+from grpokit.eval.standalone import run_evaluation
 from grpokit.report import write_report
 from grpokit.report.markdown import _paired_samples
 from grpokit.train import train
@@ -59,6 +60,9 @@ def test_two_grpo_steps_with_images_for_each_family(vlm_dir, tmp_path):
     samples = json.loads((run_dir / "eval" / "step-2.json").read_text())["samples"]
     keys = [key for sample in samples for key in sample["images"]]
     assert len(set(keys)) == len(samples) == 4 and all((run_dir / "eval" / "images" / f"{k}.png").is_file() for k in keys)
+    # `grpokit eval` of the run rebuilds the VLM's adapter (its language-model-only targets) and reproduces it
+    _, again = run_evaluation(str(run_dir), name="again")
+    assert [x["completion"] for x in again["samples"]] == [x["completion"] for x in samples]
     report = write_report(run_dir).read_text()
     evals = [json.loads((run_dir / "eval" / f"step-{step}.json").read_text()) for step in (0, 2)]
     pairs = _paired_samples(evals)  # the same question about four images: paired by image, not by text

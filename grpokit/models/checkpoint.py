@@ -301,10 +301,21 @@ def load_checkpoint_policy(directory: str | Path, model_cfg, merge_lora: bool = 
         raise ModelError(f"{adapter_config}: no base_model_name_or_path; cannot find the base model")
     targets = adapter["target_modules"]
     layers = adapter.get("layers_to_transform")
-    lora = LoraConfig(r=adapter["r"], alpha=adapter["lora_alpha"], dropout=adapter.get("lora_dropout", 0.0),
-                      target_modules=sorted(targets) if isinstance(targets, list) else targets,
-                      last_k_layers=len(layers) if isinstance(layers, list) else None)
+    shape = {"r": adapter["r"], "alpha": adapter["lora_alpha"], "dropout": adapter.get("lora_dropout", 0.0),
+             "modules_to_save": list(adapter.get("modules_to_save") or [])}
+    if isinstance(targets, str):
+        # a VLM's targets are one regex over the language model's blocks, written from the recipe's
+        # target_modules and last_k_layers: rebuilt from the same recipe, then checked to be the same
+        recipe_lora = model_cfg.lora or LoraConfig()
+        lora = LoraConfig(**shape, target_modules=recipe_lora.target_modules, last_k_layers=recipe_lora.last_k_layers)
+    else:
+        lora = LoraConfig(**shape, target_modules=sorted(targets),
+                          last_k_layers=len(layers) if isinstance(layers, list) else None)
     policy = load_policy(model_cfg.model_copy(update={"path": base_path, "lora": lora}), beta=0.0, merge_lora=merge_lora)
+    rebuilt = policy.model.peft_config["default"].target_modules
+    if isinstance(targets, str) and rebuilt != targets:
+        raise ModelError(f"{adapter_config}: the adapter targets {targets!r}, but the recipe's model.lora gives "
+                         f"{rebuilt!r}; evaluate it with the recipe it was trained with (--recipe)")
     load_trained_weights(policy, directory)
     policy.model.eval()
     return policy
