@@ -245,6 +245,17 @@ def with_image_blocks(prompt: str | list[dict], n_images: int, where: str) -> li
     return messages
 
 
+def with_checked_images(row: dict, messages: list[dict], where: str, base_dir: Path) -> tuple[list[ImageRef], list[dict]]:
+    """A row's image references, each readable, and its messages holding one image block per image
+    (TRL's placement when they have none), for the stages that render whole conversations (SFT
+    samples, preference pairs). A row without images and without content blocks is left as it is."""
+    refs = image_refs(row, where, base_dir)
+    if refs or any(not isinstance(m.get("content"), str) for m in messages):
+        check_images(refs, where)
+        messages = with_image_blocks(messages, len(refs), where)
+    return refs, messages
+
+
 def message_text(content: str | list[dict] | None) -> str:
     """The text of a message, for places that need plain text (rewards, logs). Text blocks are
     joined with nothing between them, as VL chat templates concatenate them when rendering."""

@@ -42,7 +42,7 @@ from grpokit.data.episodes import (
     validation_message,
 )
 from grpokit.data.chat import as_chat, check_messages
-from grpokit.data.images import check_images, count_placeholders, image_refs, with_image_blocks
+from grpokit.data.images import count_placeholders, with_checked_images
 from grpokit.errors import DataError
 from grpokit.imports import import_function
 
@@ -344,9 +344,6 @@ def read_preference_rows(source: str) -> list[PreferenceRow]:
             if count_placeholders(reply):
                 raise DataError(f"{where}: {name!r} has an image block; a pair's images belong in its prompt, "
                                 "which both replies share")
-        refs = image_refs(row, where, Path(source).parent)
-        if refs or any(not isinstance(m.get("content"), str) for m in prompt):
-            check_images(refs, where)
-            prompt = with_image_blocks(prompt, len(refs), where)
+        refs, prompt = with_checked_images(row, prompt, where, Path(source).parent)
         out.append((where, (prompt, chosen, rejected), refs))
     return out

@@ -70,7 +70,7 @@ def load_conversations(data) -> list[Conversation]:
     """Every row of ``data.source`` as a checked conversation, system prompt added where asked. A row's
     ``image``/``images`` (TRL's columns; paths relative to the data file) are checked now and their
     placeholders matched to them (TRL's placement when the messages have none)."""
-    from grpokit.data.images import check_images, image_refs, with_image_blocks
+    from grpokit.data.images import with_checked_images
     from grpokit.data.loaders import DEFAULT_TASK_SIZE, make_builtin, read_jsonl
 
     if data.source.startswith("builtin:"):  # a generated task whose rows carry their reply (shape_caption)
@@ -84,10 +84,7 @@ def load_conversations(data) -> list[Conversation]:
     for row in rows:
         where = f"{data.source}:{row['_line']}"
         messages = conversation_of(row, data.messages_field, where)
-        refs = image_refs(row, where, Path(data.source).parent)
-        if refs or any(not isinstance(m.get("content"), str) for m in messages):
-            check_images(refs, where)
-            messages = with_image_blocks(messages, len(refs), where)
+        refs, messages = with_checked_images(row, messages, where, Path(data.source).parent)
         out.append(Conversation(where, with_system(messages, data.system_prompt), refs))
     return out
 
