@@ -14,7 +14,6 @@ Bad input, fuzzing and the security checks are in test_faults_input.py.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys

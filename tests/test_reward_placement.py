@@ -151,7 +151,7 @@ def test_no_reward_call_outlives_its_timeout(folder, name, run_in):
                    ["a", "b"])
     elapsed = time.perf_counter() - t0
     assert scores.parts[f"{MODULE}:{name}"] == [None, None]
-    assert f"RewardTimeout: timed out after 1 s" in scores.errors[f"{MODULE}:{name}"]
+    assert "RewardTimeout: timed out after 1 s" in scores.errors[f"{MODULE}:{name}"]
     assert scores.parts["length"] == [0.1, 0.1]  # the other component still counts
     assert elapsed < 1.0 + 2.5 + (3.0 if run_in == "process" else 0.0)  # one re-send, or a worker start
 

@@ -8,7 +8,7 @@ import yaml
 
 from grpokit.cli import main
 from grpokit.config import recipe_from_dict
-from grpokit.rewards import REWARDS, completion_text, register
+from grpokit.rewards import REWARDS, register
 from grpokit.train import train
 
 from conftest import tiny_recipe
