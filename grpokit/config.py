@@ -204,6 +204,22 @@ class RolloutConfig(Section):
     """With LoRA: sample from a copy of the model with the adapters merged into its weights
     (refreshed after every optimiser step): one matmul per layer instead of three, at the
     cost of one more copy of the weights in the compute dtype."""
+    environment: str | None = None
+    """Multi-turn rollouts in an environment: a registered name (calculator) or module:Class (grpokit's
+    reset(row)/step(action), or TRL's environment_factory class with reset(**row) and tool methods)."""
+    environment_args: dict[str, Any] = {}
+    """Keyword arguments for the environment class's constructor."""
+    tools: list[str] = []
+    """Tool functions (module:function, type hints and a docstring, as TRL's tools=) the policy may call;
+    alone they make a tool environment, with rollout.environment they add to its tools."""
+    max_turns: int = Field(4, ge=1)
+    """Policy turns per trajectory at most (an environment ends it sooner with done)."""
+    max_tool_output_tokens: int = Field(64, ge=1)
+    """Tokens of one observation or tool result at most; longer ones are cut."""
+    environment_timeout_s: float = Field(30.0, gt=0)
+    """Seconds an environment's reset or step may take; past it the trajectory ends (timeout)."""
+    max_consecutive_env_failures: int = Field(8, ge=1)
+    """Environment failures (raised, hung) in a row that stop the run."""
 
 
 class ReplayConfig(Section):

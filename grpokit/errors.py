@@ -30,3 +30,8 @@ class RunDirError(GrpokitError):
 
 class TrainingError(GrpokitError):
     """Training cannot go on (e.g. the loss stayed non-finite); the last checkpoint is intact."""
+
+
+class EnvFailure(GrpokitError):
+    """An environment or a tool failed (raised, hung, returned something unusable): that trajectory ends with
+    the reason logged; ``rollout.max_consecutive_env_failures`` in a row stop the run."""

@@ -8,6 +8,7 @@ higher one, and the stage packages sharing a layer are independent of each other
     log        metrics sinks
     data       rows, chat messages, episodes, pairs
     models     policy + processor, loading, checkpoints, reward head
+    envs       environments and tools the policy acts in (multi-turn rollouts)
     rollout    PromptBatch encoder, the Sampler contract and its backends, log-probs
     rewards | algo   reward functions and their orchestration | the pure GRPO math
     eval       evaluation runner, grpokit eval, grpokit generate, metrics
@@ -34,6 +35,7 @@ LAYERS: list[list[str]] = [
     ["grpokit.log"],
     ["grpokit.data"],
     ["grpokit.models"],
+    ["grpokit.envs"],
     ["grpokit.rollout"],
     ["grpokit.rewards", "grpokit.algo"],
     ["grpokit.eval"],

@@ -59,13 +59,13 @@ def prompt_messages(prompt: str | list[dict], system_prompt: str | None) -> list
 
 
 def render_chat(tokenizer, messages: list[dict], where: str, generation_prompt: bool = False,
-                template: str | None = None) -> str:
+                template: str | None = None, tools: list[dict] | None = None) -> str:
     """The chat template (``template``, else the tokenizer's own) applied to ``messages``; its failure
     (jinja raises its own errors, e.g. a template that requires alternating roles) as a DataError at
     ``where``. A vision-language processor's template is its own, beside its tokenizer's."""
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt,
-                                             chat_template=template)
+                                             chat_template=template, tools=tools or None)
     except Exception as exc:
         raise DataError(f"{where}: the tokenizer's chat template failed on this conversation "
                         f"({type(exc).__name__}: {exc})") from None

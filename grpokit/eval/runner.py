@@ -10,7 +10,7 @@ The file format is documented in docs/run-directory.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import mean
 from typing import Any
 
@@ -19,8 +19,9 @@ import torch
 from grpokit.data.images import message_text
 from grpokit.eval.metrics import bootstrap_interval, distinct_n, pass_at_k, self_bleu
 from grpokit.eval.thumbnails import image_key
-from grpokit.rewards import RewardSet, as_completions, columns_of, trainer_state
-from grpokit.rollout import PromptEncoder, build_sampler
+from grpokit.envs import build_environment
+from grpokit.rewards import RewardSet, columns_of, completions_of, episode_columns, trainer_state
+from grpokit.rollout import PromptEncoder, build_sampler, turn_options
 
 
 @dataclass
@@ -42,9 +43,12 @@ class EvalSettings:
     seed: int = 0
     max_steps: int = 0
     backend: str = "torch"
+    environment: Any = None  # multi-turn: the recipe's EnvironmentSpec
+    turns: dict = field(default_factory=dict)  # multi-turn limits (rollout.turn_options)
 
     def encoder(self, policy) -> PromptEncoder:
-        return PromptEncoder(policy.processor, self.chat_template, self.system_prompt, self.max_prompt_length)
+        return PromptEncoder(policy.processor, self.chat_template, self.system_prompt, self.max_prompt_length,
+                             tools=self.environment.schemas if self.environment else None)
 
     @classmethod
     def from_recipe(cls, recipe) -> "EvalSettings":
@@ -56,35 +60,48 @@ class EvalSettings:
             num_samples=ev.num_samples, num_generations=ev.num_generations, pass_k=tuple(ev.pass_k),
             temperature=ev.temperature or rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
             seed=recipe.training.seed, max_steps=recipe.training.max_steps, backend=rollout.backend,
+            environment=build_environment(rollout), turns=turn_options(rollout),
         )
 
 
-def _generate(policy, rows: list[dict], settings: EvalSettings, k: int,
-              greedy: bool) -> tuple[list[str], list[int], list[list[int]]]:
-    """Texts, token lengths and token ids, ``k`` per row in row order (a row's k completions adjacent).
-    The sampler has its own generator seeded from ``settings.seed``: evaluating never moves training's."""
+@dataclass
+class Generated:
+    """``k`` completions per row, in row order (a row's k completions adjacent)."""
+
+    texts: list[str]
+    lengths: list[int]
+    ids_lists: list[list[int]]
+    episodes: list[dict] | None  # multi-turn: each completion's trajectory
+
+
+def _generate(policy, rows: list[dict], settings: EvalSettings, k: int, greedy: bool) -> Generated:
+    """The sampler has its own generator seeded from ``settings.seed``: evaluating never moves training's."""
     sampler = build_sampler(policy, settings.backend, max_new_tokens=settings.max_completion_length,
                             temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
-                            seed=settings.seed)
+                            seed=settings.seed, environment=settings.environment, **settings.turns)
     encoder = settings.encoder(policy)
     prompts_per_batch = max(1, settings.batch_size // k)
-    texts, lengths, ids_lists = [], [], []
+    out = Generated([], [], [], [] if settings.environment is not None else None)
     for start in range(0, len(rows), prompts_per_batch):
-        out = sampler.generate(encoder(rows[start:start + prompts_per_batch]), num_generations=k, greedy=greedy)
-        texts += policy.tokenizer.batch_decode(out.completion_ids_NC, skip_special_tokens=True)
-        lengths += out.completion_lengths_N.tolist()
-        ids_lists += out.completion_id_lists()
-    return texts, lengths, ids_lists
+        rollouts = sampler.generate(encoder(rows[start:start + prompts_per_batch]), num_generations=k, greedy=greedy)
+        out.texts += policy.tokenizer.batch_decode(rollouts.completion_ids_NC, skip_special_tokens=True)
+        out.lengths += rollouts.completion_lengths_N.tolist()
+        out.ids_lists += rollouts.completion_id_lists()
+        if out.episodes is not None:
+            out.episodes += rollouts.trajectories_N
+    return out
 
 
-def _score(rows: list[dict], texts: list[str], ids_lists: list[list[int]], rewards: RewardSet,
-           settings: EvalSettings, step: int, k: int):
+def _score(rows: list[dict], generated: Generated, rewards: RewardSet, settings: EvalSettings, step: int, k: int):
     """Total reward, correctness and per-component means of ``k`` completions per row; rewards get
-    TRL's ``completion_ids`` and ``trainer_state`` here too, as in training."""
+    TRL's ``completion_ids`` and ``trainer_state`` here too, as in training, and a multi-turn
+    episode's trajectory columns."""
     prompts = [r["prompt"] for r in rows for _ in range(k)]
     columns = columns_of([r for r in rows for _ in range(k)])
-    extras = {"completion_ids": ids_lists, "trainer_state": trainer_state(step, settings.max_steps)}
-    total_N, parts = rewards(prompts, as_completions(prompts, texts), columns, group_size=k, extras=extras)
+    extras = {"completion_ids": generated.ids_lists, "trainer_state": trainer_state(step, settings.max_steps),
+              **episode_columns(generated.episodes)}
+    completions = completions_of(generated.episodes, prompts, generated.texts)
+    total_N, parts = rewards(prompts, completions, columns, group_size=k, extras=extras)
     correct = [v is not None and v >= 1.0 for v in parts[settings.accuracy_reward]]
     applicable = {name: [v for v in values if v is not None] for name, values in parts.items()}
     means = {name: (mean(v) if v else None) for name, v in applicable.items()}
@@ -132,8 +149,9 @@ def evaluate(policy, rows: list[dict], rewards: RewardSet, settings: EvalSetting
     """Greedy accuracy (with interval and per-row correctness), rewards, lengths, verbatim samples;
     with ``settings.num_generations`` >= 1 also a ``sampling`` block (pass@k, diversity).
     ``step`` is the training step evaluated (rewards see it as ``trainer_state.global_step``)."""
-    texts, lengths, ids_lists = _generate(policy, rows, settings, 1, greedy=True)
-    total_N, correct, means = _score(rows, texts, ids_lists, rewards, settings, step, 1)
+    greedy = _generate(policy, rows, settings, 1, greedy=True)
+    texts, lengths = greedy.texts, greedy.lengths
+    total_N, correct, means = _score(rows, greedy, rewards, settings, step, 1)
     result: dict[str, Any] = {
         "accuracy": sum(correct) / max(len(rows), 1),
         "accuracy_interval": _interval([float(c) for c in correct], settings.seed),
@@ -152,8 +170,9 @@ def evaluate(policy, rows: list[dict], rewards: RewardSet, settings: EvalSetting
         result["by_source"] = by_source
     if settings.num_generations >= 1 and rows:
         k = settings.num_generations
-        s_texts, s_lengths, s_ids = _generate(policy, rows, settings, k, greedy=False)
-        s_total_N, s_correct, s_means = _score(rows, s_texts, s_ids, rewards, settings, step, k)
+        sampled = _generate(policy, rows, settings, k, greedy=False)
+        s_texts, s_lengths = sampled.texts, sampled.lengths
+        s_total_N, s_correct, s_means = _score(rows, sampled, rewards, settings, step, k)
         result["sampling"] = sampled_metrics(rows, s_texts, s_lengths, s_correct, s_total_N, s_means, settings)
     return result
 

@@ -14,11 +14,14 @@ from grpokit.rewards import maths as _maths  # noqa: F401
 from grpokit.rewards import openr1 as _openr1  # noqa: F401
 from grpokit.rewards import reward_model as _reward_model  # noqa: F401 - light; loads the model on first call
 from grpokit.rewards import text as _text  # noqa: F401
+from grpokit.rewards import trajectory as _trajectory  # noqa: F401
 from grpokit.rewards.orchestrator import RewardOrchestrator, Stage
 from grpokit.rewards.registry import REWARDS, group_reward, register, resolve_reward, thread_safe, verl_reward
-from grpokit.rewards.rewardset import RewardSet, Scores, as_completions, columns_of, completion_text, trainer_state
+from grpokit.rewards.rewardset import (RewardSet, Scores, as_completions, columns_of, completion_text,
+                                      completions_of, episode_columns, trainer_state)
 
 __all__ = ["REWARDS", "RewardOrchestrator", "RewardSet", "Scores", "Stage", "as_completions", "columns_of",
+           "completions_of", "episode_columns",
            "completion_text", "group_reward",
            "register", "resolve_reward", "thread_safe", "trainer_state", "verl_reward"]
 

@@ -178,3 +178,24 @@ class RewardSet:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def completions_of(episodes: list | None, prompts: list, texts: list[str]) -> list:
+    """What reward functions receive as completions. One turn: TRL's convention (``as_completions``).
+    A multi-turn episode: its messages (the policy's turns and the observations between them, as TRL
+    passes a tool-calling completion), so ``completion_text`` reads the final turn."""
+    plain = as_completions(prompts, texts)
+    if episodes is None:
+        return plain
+    return [episode["messages"] if episode else single for episode, single in zip(episodes, plain)]
+
+
+def episode_columns(episodes: list | None) -> dict[str, list]:
+    """Columns a trajectory reward may ask for, one value per completion: ``trajectory`` (messages, steps
+    with action / observation / reward / done / info, how it ended), ``step_rewards`` and
+    ``episode_reward`` (the environment's own); none for one-turn rollouts."""
+    if episodes is None:
+        return {}
+    return {"trajectory": list(episodes),
+            "step_rewards": [[s["reward"] for s in e["steps"]] if e else [] for e in episodes],
+            "episode_reward": [e["episode_reward"] if e else None for e in episodes]}

@@ -15,6 +15,7 @@ import torch
 
 from grpokit.data.chat import prompt_messages, render_chat
 from grpokit.data.images import PLACEHOLDER, message_text, open_images, with_image_blocks
+from grpokit.envs.tools import tools_system_prompt
 from grpokit.errors import DataError
 from grpokit.models.multimodal import chat_template_of, process_text, reads_images, tokenizer_of
 from grpokit.models.padding import left_pad
@@ -49,6 +50,7 @@ class PromptEncoder:
     chat_template: bool = True
     system_prompt: str | None = None
     max_length: int = 512
+    tools: list[dict] | None = None  # tool schemas the prompt shows (a multi-turn environment's)
 
     @property
     def tokenizer(self):
@@ -64,8 +66,13 @@ class PromptEncoder:
         tokenizer = self.tokenizer
         template = chat_template_of(self.processor)
         if self.chat_template and template is not None:
-            return render_chat(tokenizer, prompt_messages(messages, self.system_prompt), where,
-                               generation_prompt=True, template=template)
+            chat = prompt_messages(messages, self.system_prompt)
+            text = render_chat(tokenizer, chat, where, generation_prompt=True, template=template, tools=self.tools)
+            if self.tools and text == render_chat(tokenizer, chat, where, generation_prompt=True, template=template):
+                # the template ignores tools=: describe them in the system message instead
+                text = render_chat(tokenizer, with_tools_described(chat, self.tools), where, generation_prompt=True,
+                                   template=template)
+            return text
         if isinstance(messages, str):
             return messages
         image = getattr(self.processor, "image_token", PLACEHOLDER)
@@ -109,6 +116,15 @@ class PromptEncoder:
         ids_BP, mask_BP = left_pad(encoded, self.tokenizer.pad_token_id)
         return PromptBatch(ids_BP, mask_BP, rows=list(rows), multimodal=images if self.multimodal else None,
                            truncated=truncated)
+
+
+def with_tools_described(messages: list[dict], schemas: list[dict]) -> list[dict]:
+    """The conversation with the tools described at the end of its system message (a new one if it has
+    none), for a chat template that does not render ``tools=`` itself."""
+    described = tools_system_prompt(schemas)
+    if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
+        return [{**messages[0], "content": messages[0]["content"] + "\n\n" + described}, *messages[1:]]
+    return [{"role": "system", "content": described}, *messages]
 
 
 def _blocks(content) -> list[dict]:

@@ -17,7 +17,7 @@ import torch
 
 from grpokit.algo import group_advantages, overlong_penalty, zero_spread_groups
 from grpokit.algo.replay import groups_from_batch, replay_count
-from grpokit.rewards import as_completions, columns_of, trainer_state
+from grpokit.rewards import columns_of, completions_of, episode_columns, trainer_state
 from grpokit.rollout import Rollouts, concat_rollouts
 from grpokit.train.run import Run, next_prompts
 
@@ -60,7 +60,9 @@ def score(run: Run, rows: list[dict], texts: list[str], rollouts: Rollouts, step
     prompts = [row["prompt"] for row in group_rows]
     extras = {"completion_ids": rollouts.completion_id_lists(),
               "trainer_state": trainer_state(step, run.recipe.training.max_steps)}
-    scores = run.rewards.score(prompts, as_completions(prompts, texts), columns_of(group_rows), G, extras)
+    episodes = rollouts.trajectories_N
+    scores = run.rewards.score(prompts, completions_of(episodes, prompts, texts),
+                               columns_of(group_rows), G, {**extras, **episode_columns(episodes)})
     run.orchestrator.record_failures(scores.errors)
     rewards_N, shaping = run.orchestrator.combine(scores.parts, step)
     # what reward functions reported through TRL's log_metric, beside the orchestrator's figures

@@ -23,7 +23,8 @@ from grpokit.errors import DataError
 from grpokit.log import check_trackers
 from grpokit.models import Policy, load_policy
 from grpokit.rewards import RewardOrchestrator, RewardSet, build_orchestrator
-from grpokit.rollout import PromptEncoder, Sampler, build_sampler
+from grpokit.envs import build_environment
+from grpokit.rollout import PromptEncoder, Sampler, build_sampler, turn_options
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +58,15 @@ def setup(recipe: Recipe) -> Run:
     train_rows, eval_rows = load_splits(recipe.data)
     rewards = RewardSet.from_recipe(recipe)  # before the model: a bad reward fails in a second
     check_trackers(recipe.logging)
-    policy = load_policy(recipe.model, recipe.algorithm.beta, recipe.rollout.merge_lora)
     rollout = recipe.rollout
+    environment = build_environment(rollout)  # before the model: a bad environment or tool fails in a second
+    policy = load_policy(recipe.model, recipe.algorithm.beta, recipe.rollout.merge_lora)
     encoder = PromptEncoder(policy.processor, recipe.data.chat_template, recipe.data.system_prompt,
-                            rollout.max_prompt_length)
+                            rollout.max_prompt_length, tools=environment.schemas if environment else None)
     check_prompt_lengths(encoder, train_rows + eval_rows, recipe)
     sampler = build_sampler(policy, rollout.backend, max_new_tokens=rollout.max_completion_length,
                             temperature=rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
-                            seed=training.seed)
+                            seed=training.seed, environment=environment, **turn_options(rollout))
     rng = random.Random(training.seed)
     order = list(range(len(train_rows)))
     rng.shuffle(order)

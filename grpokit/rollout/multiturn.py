@@ -1,0 +1,263 @@
+"""Multi-turn rollouts: the policy acts in an environment, turn after turn, all P x G trajectories together.
+
+One decode loop serves every trajectory. Each forward feeds one token per sequence: the
+token the policy just sampled (its own, in the loss), the next token of an environment's
+reply (in the context, out of the loss), or, for a sequence that has ended, a padding token
+the attention mask hides. A sequence's position advances only on the tokens it keeps, so
+after the run its tokens are packed to the left (padding dropped) and the log-prob passes
+score exactly the ids that were sampled, at the positions they were sampled at.
+
+A turn ends at an end-of-turn token. The environment then steps on that turn's text; every
+sequence that ended a turn at the same token steps concurrently, each with a timeout. Its
+observation is rendered with the chat template as the next message (the tokens between the
+policy's end-of-turn and the next assistant header), cut to ``max_tool_output_tokens``. A
+trajectory ends when the environment says done, after ``max_turns`` policy turns, at the
+length limit (``max_new_tokens`` completion tokens, the environment's included), or when its
+environment raises or hangs (the reason is kept with the trajectory; ``max_failures`` of
+those in a row stop the run, as rewards do).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from grpokit.data.chat import render_chat
+from grpokit.envs.contract import as_message, as_step_result
+from grpokit.errors import EnvFailure
+from grpokit.models.multimodal import chat_template_of, positions_after, tokenizer_of
+from grpokit.models.padding import pad_right
+from grpokit.models.parts import backbone_and_head
+from grpokit.rollout.contract import Rollouts
+from grpokit.rollout.encoding import PromptBatch
+from grpokit.rollout.logprobs import prefill, run_backbone
+from grpokit.rollout.sampler import TorchSampler, chosen_logprobs, sample_next
+
+log = logging.getLogger(__name__)
+_DUMMY = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+
+
+@dataclass
+class Trajectory:
+    """One episode as rewards see it (the ``trajectory`` column) and the report shows it."""
+
+    messages: list[dict] = field(default_factory=list)  # assistant turns and observations, in order
+    steps: list[dict] = field(default_factory=list)  # per policy turn: action, observation, reward, done, info
+    end: str = ""  # done | max_turns | length | error: ... | timeout
+
+    @property
+    def reward(self) -> float:
+        return sum(step["reward"] for step in self.steps)
+
+    def as_row(self) -> dict:
+        return {"messages": self.messages, "steps": self.steps, "end": self.end, "turns": len(self.steps),
+                "episode_reward": self.reward}
+
+
+@dataclass
+class _Sequence:
+    environment: object
+    trajectory: Trajectory
+    tokens: list[int] = field(default_factory=list)  # completion ids so far (the environment's included)
+    own: list[bool] = field(default_factory=list)  # True where the policy generated the token
+    logprobs: list[float] = field(default_factory=list)
+    turn_start: int = 0  # where the current policy turn began in ``tokens``
+    pending: list[int] = field(default_factory=list)  # environment tokens still to feed
+    finished: bool = False
+
+    def keep(self, token: int, own: bool, logprob: float) -> int:
+        self.tokens.append(token)
+        self.own.append(own)
+        self.logprobs.append(logprob)
+        return token
+
+
+class MultiTurnSampler(TorchSampler):
+    """The torch sampler's decoding, driven through an environment; implements the Sampler contract."""
+
+    def __init__(self, policy, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int = 0, *, environment, max_turns: int = 4, max_tool_output_tokens: int = 64,
+                 timeout_s: float = 30.0, max_failures: int = 8):
+        super().__init__(policy, max_new_tokens, temperature, top_p, top_k, seed)
+        self.environment, self.max_turns = environment, max_turns
+        self.max_tool_output_tokens, self.timeout_s, self.max_failures = max_tool_output_tokens, timeout_s, max_failures
+        self.failures_in_a_row = 0
+
+    # ------------------------------------------------------------------ environment calls
+
+    def _call_all(self, calls: list[tuple[_Sequence, callable]], what: str) -> list:
+        """Run ``fn()`` for each sequence concurrently, each within the timeout; a failure ends that
+        trajectory (``None`` comes back for it) with the reason, and counts toward stopping the run.
+        Daemon threads, so an environment that never returns cannot keep the process from exiting."""
+        outcomes: list[dict] = [{} for _ in calls]
+
+        def run(fn, outcome):
+            try:
+                outcome["value"] = fn()
+            except BaseException as exc:  # the environment's own failure: that trajectory's, never the run's
+                outcome["error"] = exc
+
+        threads = [threading.Thread(target=run, args=(fn, outcome), daemon=True, name="grpokit-env")
+                   for (_, fn), outcome in zip(calls, outcomes)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + self.timeout_s
+        results = []
+        for (seq, _), thread, outcome in zip(calls, threads, outcomes):
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                results.append(self._failed(seq, f"timeout: {what} took over {self.timeout_s:g} s"))
+            elif "error" in outcome:
+                exc = outcome["error"]
+                results.append(self._failed(seq, f"error: {what} raised {type(exc).__name__}: {exc}"))
+            else:
+                self.failures_in_a_row = 0
+                results.append(outcome["value"])
+        return results
+
+    def _failed(self, seq: _Sequence, reason: str):
+        seq.finished, seq.trajectory.end = True, reason
+        self.failures_in_a_row += 1
+        log.warning("environment %s: the trajectory ends (%s)", self.environment.name, reason)
+        if self.failures_in_a_row >= self.max_failures:
+            raise EnvFailure(f"environment {self.environment.name!r} failed {self.failures_in_a_row} times in a row; "
+                             f"last: {reason}. Fix the environment, or raise rollout.environment_timeout_s if it is "
+                             "only slow")
+        return None
+
+    def _observation_ids(self, message: dict) -> list[int]:
+        """The tokens that follow the policy's end-of-turn token: the observation as the next message, then
+        the assistant header, as the chat template renders them; the content cut to the tool-output limit."""
+        tokenizer = tokenizer_of(self.policy.processor)
+        template = chat_template_of(self.policy.processor)
+        content = message["content"]
+        if isinstance(content, str):
+            ids = tokenizer(content, add_special_tokens=False)["input_ids"]
+            if len(ids) > self.max_tool_output_tokens:
+                content = tokenizer.decode(ids[:self.max_tool_output_tokens]) + " …"
+        before = render_chat(tokenizer, _DUMMY, "<environment>", template=template)
+        after = render_chat(tokenizer, _DUMMY + [{**message, "content": content}], "<environment>",
+                            generation_prompt=True, template=template)
+        eos = tokenizer.convert_ids_to_tokens(self.policy.eos_ids[0])
+        cut = before.rindex(eos) + len(eos)  # the policy's turn ends at its end-of-turn token
+        return tokenizer(after[cut:], add_special_tokens=False)["input_ids"]
+
+    # ------------------------------------------------------------------ decoding
+
+    @torch.no_grad()
+    def generate(self, batch: PromptBatch, num_generations: int, greedy: bool = False) -> Rollouts:
+        policy, G = self.policy, num_generations
+        device, pad_id = policy.device, policy.tokenizer.pad_token_id
+        rows = [row for row in batch.rows for _ in range(G)]
+        seqs = [_Sequence(self.environment.make(), Trajectory()) for _ in rows]
+        self._call_all([(seq, lambda seq=seq, row=row: seq.environment.reset(row)) for seq, row in zip(seqs, rows)],
+                       "reset()")
+        ids_BP, mask_BP = batch.input_ids_BP.to(device), batch.attention_mask_BP.to(device)
+        model = policy.sampling_model
+        backbone, head = backbone_and_head(model)
+        was_training = model.training
+        model.eval()
+        with policy.autocast():
+            hidden_BPH, cache, pos_XBP = prefill(backbone, ids_BP, mask_BP, batch.multimodal)
+            if G > 1:
+                cache.batch_repeat_interleave(G)
+            logits_NV = head(hidden_BPH[:, -1, :]).repeat_interleave(G, dim=0)
+            mask_NL = mask_BP.repeat_interleave(G, dim=0)
+            pos_XN1 = positions_after(pos_XBP, G, 1)
+            for _ in range(self.max_new_tokens * (self.max_turns + 1)):
+                if greedy:
+                    sampled_N = logits_NV.argmax(dim=-1)
+                else:
+                    sampled_N = sample_next(logits_NV, self.temperature, self.top_k, self.top_p, self.generator)
+                logp_N = chosen_logprobs(logits_NV, sampled_N)
+                fed, ended = [], []
+                for i, seq in enumerate(seqs):
+                    if seq.finished:
+                        fed.append(None)
+                        continue
+                    if seq.pending:  # the environment's reply, fed one token at a time
+                        fed.append(seq.keep(seq.pending.pop(0), own=False, logprob=0.0))
+                        if not seq.pending:
+                            seq.turn_start = len(seq.tokens)
+                    else:
+                        fed.append(seq.keep(int(sampled_N[i]), own=True, logprob=float(logp_N[i])))
+                        if fed[-1] in policy.eos_ids:
+                            ended.append(seq)
+                            continue
+                    if len(seq.tokens) >= self.max_new_tokens:
+                        seq.finished, seq.trajectory.end = True, "length"
+                self._end_turns(ended)
+                if all(seq.finished for seq in seqs):
+                    break
+                real_N1 = torch.tensor([[token is not None] for token in fed], device=device)
+                tokens_N1 = torch.tensor([[pad_id if token is None else token] for token in fed], device=device)
+                mask_NL = torch.cat([mask_NL, real_N1.long()], dim=1)
+                hidden_N1H, cache = run_backbone(backbone, cache, input_ids=tokens_N1, attention_mask=mask_NL,
+                                                 position_ids=pos_XN1)
+                logits_NV = head(hidden_N1H[:, -1, :])
+                pos_XN1 = pos_XN1 + real_N1.long()  # a hidden padding token takes no position
+        model.train(was_training)
+        return self._rollouts(ids_BP, mask_BP, G, seqs, batch)
+
+    def _end_turns(self, ended: list[_Sequence]) -> None:
+        """Step the environments of the sequences whose policy turn just ended, concurrently."""
+        tokenizer = self.policy.tokenizer
+        steps = []
+        for seq in ended:
+            action = tokenizer.decode(seq.tokens[seq.turn_start:], skip_special_tokens=True)
+            seq.trajectory.messages.append({"role": "assistant", "content": action})
+            steps.append((seq, action))
+        results = self._call_all([(seq, lambda seq=seq, action=action: seq.environment.step(action))
+                                  for seq, action in steps], "step()")
+        for (seq, action), raw in zip(steps, results):
+            if seq.finished:  # the call failed; the reason is recorded
+                seq.trajectory.steps.append({"action": action, "observation": None, "reward": 0.0, "done": True,
+                                             "info": {"error": seq.trajectory.end}})
+                continue
+            where = f"environment {self.environment.name!r}"
+            try:
+                result = as_step_result(raw, where)
+                message = as_message(result.observation, "user", where)
+            except EnvFailure as exc:
+                self._failed(seq, f"error: {exc}")
+                continue
+            seq.trajectory.steps.append({"action": action, "observation": message, "reward": result.reward,
+                                         "done": result.done, "info": result.info})
+            if result.done:
+                seq.finished, seq.trajectory.end = True, "done"
+            elif len(seq.trajectory.steps) >= self.max_turns:
+                seq.finished, seq.trajectory.end = True, "max_turns"
+            elif message is None:
+                seq.finished, seq.trajectory.end = True, "done"  # nothing to answer to: the episode is over
+            else:
+                pending = self._observation_ids(message)
+                if len(seq.tokens) + len(pending) >= self.max_new_tokens:  # no room to read it, nor to answer
+                    seq.finished, seq.trajectory.end = True, "length"
+                else:
+                    seq.trajectory.messages.append(message)
+                    seq.pending = pending
+
+    def _rollouts(self, ids_BP, mask_BP, G, seqs, batch) -> Rollouts:
+        """Each sequence's kept tokens packed to the left: the ids exactly as sampled, in the loss only
+        where the policy generated them."""
+        pad_id = self.policy.tokenizer.pad_token_id
+        completion_NC, mask_NC = pad_right([seq.tokens or [pad_id] for seq in seqs], pad_id)
+        own_NC, _ = pad_right([seq.own or [False] for seq in seqs], False)
+        logp_NC, _ = pad_right([seq.logprobs or [0.0] for seq in seqs], 0.0)
+        mask_NC = mask_NC * torch.tensor([[bool(seq.tokens)] for seq in seqs], dtype=mask_NC.dtype)
+        loss_NC = (own_NC.bool() & mask_NC.bool()).long()
+        return Rollouts(
+            prompt_ids_NP=ids_BP.repeat_interleave(G, dim=0).cpu(),
+            prompt_mask_NP=mask_BP.repeat_interleave(G, dim=0).cpu(),
+            completion_ids_NC=completion_NC,
+            completion_mask_NC=mask_NC.long(),
+            truncated_N=torch.tensor([seq.trajectory.end == "length" for seq in seqs]),
+            loss_mask_NC=loss_NC,
+            sampling_logprobs_NC=logp_NC.float() * loss_NC,
+            prompt_inputs_N=None if batch.multimodal is None else [x for x in batch.multimodal for _ in range(G)],
+            trajectories_N=[seq.trajectory.as_row() for seq in seqs],
+        )
