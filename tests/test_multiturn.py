@@ -232,5 +232,54 @@ def test_grpo_trains_through_a_trl_class_and_a_tool_function(tiny_model_dir, tmp
     recipe["rewards"] = [{"name": "toy_digits"}, {"name": "environment_reward"}, {"name": "tool_misuse"}]
     run_dir = train(recipe_from_dict(recipe))
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines if line["kind"] == "train"] == [1, 2]
+    train_lines = [line for line in lines if line["kind"] == "train"]
+    assert [line["step"] for line in train_lines] == [1, 2]
+    assert all("episode/turns" in line and "tools/calls" in line and "rewards/environment_reward" in line
+               for line in train_lines)
     sys.modules.pop("agent_tools", None)
+
+
+# ---------------------------------------------------------------- rewards and metrics over trajectories
+
+
+def episode(*steps, end="done"):
+    return {"messages": [], "steps": [dict(step) for step in steps], "end": end, "turns": len(steps),
+            "episode_reward": sum(step["reward"] for step in steps)}
+
+
+def step(action, reward=0.0, calls=()):
+    return {"action": action, "observation": None, "reward": reward, "done": False,
+            "info": {"tool_calls": [{"name": name, "arguments": {}, "error": error} for name, error in calls]}}
+
+
+EPISODES = [
+    episode(step("SEGMENT(img)"), step("GET_PROPERTIES(1)", 0.5), step("GET_PROPERTIES(1)"), step("DONE", 1.0)),
+    episode(step("x", calls=[("add", None), ("mul", "unknown tool 'mul'")]), step("y", calls=[("add", "bad")]),
+            end="error: step() raised RuntimeError: boom"),
+]
+
+
+def test_trajectory_rewards_by_hand():
+    from grpokit.rewards.trajectory import action_coherence, environment_reward, tool_misuse
+
+    columns = {"trajectory": EPISODES + [None]}
+    assert environment_reward(None, [0, 0, 0], episode_reward=[1.5, 0.0, None]) == [1.5, 0.0, None]
+    assert environment_reward(None, [0]) == [None]
+    assert tool_misuse(None, [0, 0, 0], penalty=-0.5, **columns) == [0.0, -1.0, None]
+    # SEGMENT->GET_PROPERTIES +0.2, GET_PROPERTIES repeated -0.5, GET_PROPERTIES->DONE nothing; add->add repeated -0.5
+    assert action_coherence(None, [0, 0, 0], pairs={"SEGMENT -> GET_PROPERTIES": 0.2}, repeat_penalty=-0.5,
+                            **columns) == pytest.approx([-0.3, -0.5, None])
+    assert tool_misuse(None, ["one turn"]) == [None]
+
+
+def test_episode_metrics_by_hand():
+    from grpokit.envs.trajectory import episode_metrics
+
+    metrics = episode_metrics(EPISODES + [None])
+    assert metrics["episode/turns"] == 3.0 and metrics["episode/reward"] == 0.75
+    assert metrics["episode/step_reward"] == pytest.approx(1.5 / 6)
+    assert metrics["episode/end_done"] == 0.5 and metrics["episode/end_error"] == 0.5
+    assert (metrics["tools/calls"], metrics["tools/failures"]) == (3.0, 2.0)
+    assert (metrics["tools/add/calls"], metrics["tools/add/failures"], metrics["tools/mul/failures"]) == (2.0, 1.0, 1.0)
+    assert metrics["actions/GET_PROPERTIES"] == pytest.approx(2 / 6) and metrics["actions/add"] == pytest.approx(2 / 6)
+    assert episode_metrics(None) == {}

@@ -13,11 +13,8 @@ gives every completion (``rewards.episode_columns``), and return None for one-tu
 
 from __future__ import annotations
 
-import re
-
+from grpokit.envs.trajectory import DEFAULT_ACTION, action_types
 from grpokit.rewards.registry import register
-
-DEFAULT_ACTION = r"\b([A-Z][A-Z_]{1,})\b"
 
 
 @register("environment_reward")
@@ -36,19 +33,6 @@ def tool_misuse(prompts, completions, trajectory=None, penalty: float = -0.5, **
     return [None if episode is None else penalty * sum(
         1 for step in episode["steps"] for call in (step.get("info") or {}).get("tool_calls", []) if call.get("error"))
         for episode in trajectory]
-
-
-def action_types(episode: dict, pattern: str = DEFAULT_ACTION) -> list[str]:
-    """Each step's action type: its first tool call's name, else the first match of ``pattern``."""
-    compiled, types = re.compile(pattern), []
-    for step in episode["steps"]:
-        calls = (step.get("info") or {}).get("tool_calls") or []
-        if calls and calls[0].get("name"):
-            types.append(calls[0]["name"])
-            continue
-        match = compiled.search(step.get("action") or "")
-        types.append(match.group(1) if match else "")
-    return types
 
 
 @register("action_coherence")

@@ -24,6 +24,7 @@ import torch
 
 from grpokit import __version__
 from grpokit.config import Recipe, dump_recipe
+from grpokit.envs.trajectory import episode_metrics
 from grpokit.eval import EvalSettings, evaluate, metrics_line
 from grpokit.eval.thumbnails import write_thumbnails
 from grpokit.io import write_json, write_text
@@ -258,7 +259,8 @@ def rollout_metrics(rollouts: Rollouts, recipe: Recipe, step_time: float) -> dic
     mu = recipe.algorithm.num_iterations
     passes = 1 + (recipe.algorithm.beta > 0) + (mu > 1) + mu
     return {"completion_length": lengths_N.mean().item(), "truncated_frac": rollouts.truncated_N.float().mean().item(),
-            "step_time_s": step_time, "tokens_per_s": tokens * passes / step_time}
+            "step_time_s": step_time, "tokens_per_s": tokens * passes / step_time,
+            **episode_metrics(rollouts.trajectories_N)}
 
 
 def dry_run(recipe: Recipe, num_prompts: int = 2) -> dict[str, Any]:
