@@ -27,6 +27,7 @@ from grpokit.envs.builtin import calculate
 from grpokit.errors import EnvFailure
 from grpokit.models.loading import wrap_policy
 from grpokit.rollout import PromptEncoder, build_sampler, completion_logprobs
+from grpokit.report import write_report
 from grpokit.train import train
 from grpokit.train.update import split_micro_batches
 
@@ -236,6 +237,10 @@ def test_grpo_trains_through_a_trl_class_and_a_tool_function(tiny_model_dir, tmp
     assert [line["step"] for line in train_lines] == [1, 2]
     assert all("episode/turns" in line and "tools/calls" in line and "rewards/environment_reward" in line
                for line in train_lines)
+    evaluated = json.loads((run_dir / "eval" / "step-2.json").read_text())["samples"]
+    assert all(sample["trajectory"]["messages"][0]["role"] == "assistant" for sample in evaluated)
+    report = write_report(run_dir).read_text()
+    assert "## A trajectory before and after" in report and "| 1 | assistant |" in report
     sys.modules.pop("agent_tools", None)
 
 

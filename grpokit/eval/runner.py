@@ -161,8 +161,8 @@ def evaluate(policy, rows: list[dict], rewards: RewardSet, settings: EvalSetting
         "completion_length": mean(lengths) if lengths else 0.0,
         "num_examples": len(rows),
         "accuracy_reward": settings.accuracy_reward,
-        "samples": [_sample(r, t, total_N[i].item(), correct[i]) for i, (r, t) in
-                    enumerate(zip(rows[:settings.num_samples], texts))],
+        "samples": [_sample(r, t, total_N[i].item(), correct[i], greedy.episodes[i] if greedy.episodes else None)
+                    for i, (r, t) in enumerate(zip(rows[:settings.num_samples], texts))],
         "sampling": None,
     }
     by_source = source_accuracy(rows, correct, settings.seed)
@@ -177,14 +177,17 @@ def evaluate(policy, rows: list[dict], rewards: RewardSet, settings: EvalSetting
     return result
 
 
-def _sample(row: dict, text: str, reward: float, correct: bool) -> dict[str, Any]:
+def _sample(row: dict, text: str, reward: float, correct: bool, episode: dict | None = None) -> dict[str, Any]:
     """One verbatim sample: the question's text (a chat prompt's last message), the reply, its verdict,
-    and the keys of the row's images (``eval/thumbnails.py`` stores them once)."""
+    the keys of the row's images (``eval/thumbnails.py`` stores them once), and a multi-turn episode's
+    turns (the policy's and the environment's messages) with how it ended."""
     prompt = row["prompt"]
     sample = {"prompt": prompt if isinstance(prompt, str) else message_text(prompt[-1].get("content")),
               "completion": text, "answer": row.get("answer"), "reward": reward, "correct": correct}
     if row.get("images"):
         sample["images"] = [image_key(ref) for ref in row["images"]]
+    if episode:
+        sample["trajectory"] = {"messages": episode["messages"], "end": episode["end"], "turns": episode["turns"]}
     return sample
 
 

@@ -319,6 +319,28 @@ def samples_section(evals: list[Row], samples: list[Row]) -> list[str]:
     return lines + table(header, rows) + [""]
 
 
+def trajectory_section(evals: list[Row]) -> list[str]:
+    """One held-out episode before and after training, turn by turn (multi-turn runs only)."""
+    pair = next(((b, a) for b, a in _paired_samples(evals) if b.get("trajectory") and a.get("trajectory")), None)
+    if pair is None:
+        return []
+    lines = ["## A trajectory before and after", "", f"Prompt: {cell(_prompt_text(pair[1].get('prompt')))}", ""]
+    for label, sample in zip((f"before (step {evals[0].get('step')})", f"after (step {evals[-1].get('step')})"), pair):
+        episode = sample["trajectory"]
+        rows = [[str(i + 1), cell(m.get("role", "")), cell(message_content(m))]
+                for i, m in enumerate(episode.get("messages") or [])]
+        lines += [f"**{label}**: {episode.get('turns')} turns, ended: {cell(episode.get('end', ''))}, "
+                  f"correct: {_correct(sample)}", "", *table(["#", "role", "message"], rows), ""]
+    return lines
+
+
+def message_content(message: Row) -> str:
+    content = message.get("content")
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return str(content or "")
+
+
 def header_section(name: str, run_info: Row, train_rows: list[Row]) -> list[str]:
     """Title and the run's status line from run.json; steps fall back to the last train line."""
     steps = run_info.get("steps", train_rows[-1]["step"] if train_rows else _DASH)
@@ -348,5 +370,6 @@ def build_markdown(
         plots_section(plot_names),
         training_section(train_rows),
         samples_section(evals, samples),
+        trajectory_section(evals),
     )
     return "\n".join(line for section in sections for line in section).rstrip() + "\n"

@@ -243,8 +243,14 @@ class MultiTurnSampler(TorchSampler):
 
     def _rollouts(self, ids_BP, mask_BP, G, seqs, batch) -> Rollouts:
         """Each sequence's kept tokens packed to the left: the ids exactly as sampled, in the loss only
-        where the policy generated them."""
+        where the policy generated them. A turn the length limit cut off is the episode's last message
+        (rewards read it), though no environment saw it."""
         pad_id = self.policy.tokenizer.pad_token_id
+        for seq in seqs:
+            unfinished = seq.tokens[seq.turn_start:]
+            if unfinished and all(seq.own[seq.turn_start:]) and unfinished[-1] not in self.policy.eos_ids:
+                text = self.policy.tokenizer.decode(unfinished, skip_special_tokens=True)
+                seq.trajectory.messages.append({"role": "assistant", "content": text})
         completion_NC, mask_NC = pad_right([seq.tokens or [pad_id] for seq in seqs], pad_id)
         own_NC, _ = pad_right([seq.own or [False] for seq in seqs], False)
         logp_NC, _ = pad_right([seq.logprobs or [0.0] for seq in seqs], 0.0)
