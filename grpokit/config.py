@@ -447,6 +447,11 @@ class SupervisedDataConfig(Section):
     """Seed for holding out the eval rows."""
     system_prompt: str | None = None
     """Optional system message put before each sample that has none."""
+    environment: str | None = None
+    """SFT for an agent: show this environment's tools in every sample, as the GRPO recipe's prompts will
+    (rollout.environment: the same name or module:Class)."""
+    tools: list[str] = []
+    """SFT for an agent: tool functions (module:function) shown in every sample, as rollout.tools."""
 
 
 class SupervisedTrainingConfig(Section):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -288,3 +287,23 @@ def test_episode_metrics_by_hand():
     assert (metrics["tools/add/calls"], metrics["tools/add/failures"], metrics["tools/mul/failures"]) == (2.0, 1.0, 1.0)
     assert metrics["actions/GET_PROPERTIES"] == pytest.approx(2 / 6) and metrics["actions/add"] == pytest.approx(2 / 6)
     assert episode_metrics(None) == {}
+
+
+def test_an_agent_sft_sample_shows_the_tools_and_learns_the_tool_call(char_tokenizer, tmp_path):
+    """data.environment in an SFT recipe: each sample's system message describes the tools exactly as the
+    GRPO prompts will, and both the tool call and the final answer are learned, not the tool's reply."""
+    from grpokit.config import SftRecipe
+    from grpokit.train.sft import encode_examples, load_conversations
+
+    recipe = recipe_from_dict({"model": {"path": "unused"}, "data": {"source": "builtin:multi_sum", "environment":
+                                                                       "calculator", "eval_size": 1},
+                               "training": {"output_dir": str(tmp_path / "o")}}, schema=SftRecipe)
+    conversation = load_conversations(recipe.data)[0]
+    (example,), _ = encode_examples(char_tokenizer, [conversation], 4096, [EOS])
+    learned = char_tokenizer.decode([t for t, label in zip(example.ids, example.labels) if label])
+    answer = conversation.messages[-1]["content"]
+    assert learned == conversation.messages[1]["content"] + "<|im_end|>" + answer + "<|im_end|>"
+    prompt = PromptEncoder(char_tokenizer, True, None, 4096, tools=conversation.tools)
+    rendered = char_tokenizer.decode(prompt.token_ids({"prompt": conversation.messages[0]["content"]}))
+    assert char_tokenizer.decode(example.ids).startswith(rendered)  # the GRPO prompt is the sample's prefix
+    assert '"name": "calculate"' in rendered

@@ -37,7 +37,21 @@ def addition(rng: random.Random) -> Row:
     return {"prompt": f"What is {a} + {b}? Answer with the number only.", "answer": str(a + b), "a": a, "b": b}
 
 
+def multi_sum(rng: random.Random) -> Row:
+    """"What is a + b + c?" with three 3-4 digit numbers: hard for a 135M model by heart, exact with the
+    calculator environment. ``messages`` is a demonstration for an SFT warm start: the tool call
+    (the ``calculate`` tool of ``rollout.environment: calculator``), its result, then the answer."""
+    numbers = [rng.randint(100, 9999) for _ in range(3)]
+    expression, total = " + ".join(map(str, numbers)), str(sum(numbers))
+    prompt = f"What is {expression}? Use the calculator, then answer with the number only."
+    call = '<tool_call>{"name": "calculate", "arguments": {"expression": "' + expression + '"}}</tool_call>'
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": call},
+                {"role": "tool", "name": "calculate", "content": total}, {"role": "assistant", "content": total}]
+    return {"prompt": prompt, "answer": total, "messages": messages}
+
+
 TASKS: dict[str, Callable[[random.Random], Row]] = {
+    "multi_sum": multi_sum,
     "larger_number": larger_number,
     "greater_yes_no": greater_yes_no,
     "addition": addition,

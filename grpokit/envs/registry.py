@@ -60,17 +60,18 @@ def _resolve_class(spec: str) -> type:
     return import_function(spec, "rollout.environment", RecipeError)
 
 
-def build_environment(rollout) -> EnvironmentSpec | None:
-    """The recipe's environment (None without ``rollout.environment`` and ``rollout.tools``); a probe
-    instance is made now, so a bad class or tool fails before the model loads."""
-    spec, tool_specs = rollout.environment, list(rollout.tools)
+def build_environment(section) -> EnvironmentSpec | None:
+    """The environment a recipe section names (``rollout``, or an SFT recipe's ``data``) with its
+    ``environment``, ``tools`` and ``environment_args``; None without the first two. A probe instance
+    is made now, so a bad class or tool fails before the model loads."""
+    spec, tool_specs = section.environment, list(section.tools)
     if spec is None and not tool_specs:
         return None
     functions = [import_function(t, "rollout.tools", RecipeError) for t in tool_specs]
     tool_schemas = [tool_schema(f) for f in functions]
     if spec is None:
         return EnvironmentSpec(lambda: ToolEnvironment(functions), tool_schemas, "tools")
-    cls, args = _resolve_class(spec), dict(rollout.environment_args)
+    cls, args = _resolve_class(spec), dict(getattr(section, "environment_args", {}))
 
     def make():
         instance = cls(**args)

@@ -66,13 +66,8 @@ class PromptEncoder:
         tokenizer = self.tokenizer
         template = chat_template_of(self.processor)
         if self.chat_template and template is not None:
-            chat = prompt_messages(messages, self.system_prompt)
-            text = render_chat(tokenizer, chat, where, generation_prompt=True, template=template, tools=self.tools)
-            if self.tools and text == render_chat(tokenizer, chat, where, generation_prompt=True, template=template):
-                # the template ignores tools=: describe them in the system message instead
-                text = render_chat(tokenizer, with_tools_described(chat, self.tools), where, generation_prompt=True,
-                                   template=template)
-            return text
+            return render_with_tools(tokenizer, prompt_messages(messages, self.system_prompt), where, template,
+                                     self.tools, generation_prompt=True)
         if isinstance(messages, str):
             return messages
         image = getattr(self.processor, "image_token", PLACEHOLDER)
@@ -116,6 +111,18 @@ class PromptEncoder:
         ids_BP, mask_BP = left_pad(encoded, self.tokenizer.pad_token_id)
         return PromptBatch(ids_BP, mask_BP, rows=list(rows), multimodal=images if self.multimodal else None,
                            truncated=truncated)
+
+
+def render_with_tools(tokenizer, messages: list[dict], where: str, template: str | None, tools: list[dict] | None,
+                      generation_prompt: bool = False) -> str:
+    """The conversation through the chat template with ``tools`` shown: as the template renders
+    ``tools=``, or, for a template that ignores them (SmolLM2's), described in the system message."""
+    text = render_chat(tokenizer, messages, where, generation_prompt=generation_prompt, template=template, tools=tools)
+    if tools and text == render_chat(tokenizer, messages, where, generation_prompt=generation_prompt,
+                                     template=template):
+        text = render_chat(tokenizer, with_tools_described(messages, tools), where,
+                           generation_prompt=generation_prompt, template=template)
+    return text
 
 
 def with_tools_described(messages: list[dict], schemas: list[dict]) -> list[dict]:

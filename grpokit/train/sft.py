@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grpokit.data.chat import as_chat, check_messages, render_chat, with_system
+from grpokit.data.chat import as_chat, check_messages, with_system
 from grpokit.errors import DataError, RecipeError
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class Conversation:
     where: str  # file:line of the row
     messages: list[dict]
     images: list = field(default_factory=list)  # image references (paths or bytes), decoded per batch
+    tools: list[dict] | None = None  # tool schemas shown with the conversation (an agent's SFT warm start)
 
 
 def load_conversations(data) -> list[Conversation]:
@@ -72,6 +73,7 @@ def load_conversations(data) -> list[Conversation]:
     placeholders matched to them (TRL's placement when the messages have none)."""
     from grpokit.data.images import with_checked_images
     from grpokit.data.loaders import DEFAULT_TASK_SIZE, make_builtin, read_jsonl
+    from grpokit.envs import build_environment
 
     if data.source.startswith("builtin:"):  # a generated task whose rows carry their reply (shape_caption)
         rows = [{**row, "_line": f"row {i + 1}"} for i, row in
@@ -80,12 +82,14 @@ def load_conversations(data) -> list[Conversation]:
         rows = read_jsonl(data.source)
     if not rows:
         raise DataError(f"{data.source}: the file holds no samples")
+    environment = build_environment(data)  # data.environment / data.tools: the tools GRPO's prompts will show
+    tools = environment.schemas if environment else None
     out = []
     for row in rows:
         where = f"{data.source}:{row['_line']}"
         messages = conversation_of(row, data.messages_field, where)
         refs, messages = with_checked_images(row, messages, where, Path(data.source).parent)
-        out.append(Conversation(where, with_system(messages, data.system_prompt), refs))
+        out.append(Conversation(where, with_system(messages, data.system_prompt), refs, tools))
     return out
 
 
@@ -106,7 +110,8 @@ class SftExample:
 
 
 def encode_conversation(processor, messages: list[dict], end_ids: list[int], where: str = "<sample>",
-                        images: list | None = None) -> tuple[list[int], list[bool], dict]:
+                        images: list | None = None, tools: list[dict] | None = None
+                        ) -> tuple[list[int], list[bool], dict]:
     """Token ids of the rendered conversation, per token whether it is an assistant token, and (for a
     vision-language processor) the image inputs.
 
@@ -119,6 +124,7 @@ def encode_conversation(processor, messages: list[dict], end_ids: list[int], whe
     placeholder into its image tokens; images sit in user turns, so replies stay plain text.
     """
     from grpokit.models.multimodal import chat_template_of, join_pieces, process_text, tokenizer_of
+    from grpokit.rollout.encoding import render_with_tools
 
     tokenizer = tokenizer_of(processor)
     template = chat_template_of(processor)
@@ -144,8 +150,8 @@ def encode_conversation(processor, messages: list[dict], end_ids: list[int], whe
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render_chat(tokenizer, messages[:i], where, generation_prompt=True, template=template)
-        after = render_chat(tokenizer, messages[:i + 1], where, template=template)
+        before = render_with_tools(tokenizer, messages[:i], where, template, tools, generation_prompt=True)
+        after = render_with_tools(tokenizer, messages[:i + 1], where, template, tools)
         if not (before.startswith(done) and after.startswith(before)):
             raise DataError(f"{where}: the chat template does not render this conversation turn by turn (the "
                             f"text up to assistant turn {i} is not a prefix of the text after it), so the "
@@ -190,7 +196,7 @@ def encode_examples(processor, conversations: list[Conversation], max_length: in
     examples, cut = [], 0
     for conversation in conversations:
         ids, labels, _ = encode_conversation(processor, conversation.messages, end_ids, conversation.where,
-                                             open_images(conversation.images))
+                                             open_images(conversation.images), tools=conversation.tools)
         if conversation.images and len(ids) > max_length:
             raise DataError(f"{conversation.where}: the sample has {len(ids)} tokens with its images, over "
                             f"training.max_length = {max_length}, and image tokens cannot be cut; raise "
@@ -207,7 +213,8 @@ def image_inputs(policy, examples: list[SftExample], width: int) -> dict:
     from grpokit.models.multimodal import collate
 
     per_sample = [encode_conversation(policy.processor, e.conversation.messages, policy.eos_ids, e.where,
-                                      open_images(e.conversation.images))[2] if e.conversation else {}
+                                      open_images(e.conversation.images), e.conversation.tools)[2]
+                  if e.conversation else {}
                   for e in examples]
     return {key: value.to(policy.device) for key, value in collate(per_sample, width, left=False).items()}
 
