@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -253,7 +254,8 @@ def episode(*steps, end="done"):
 
 def step(action, reward=0.0, calls=()):
     return {"action": action, "observation": None, "reward": reward, "done": False,
-            "info": {"tool_calls": [{"name": name, "arguments": {}, "error": error} for name, error in calls]}}
+            "info": {"tool_calls": [{"name": name, "arguments": {}, "error": error, "known": name != "mul"}
+                                    for name, error in calls]}}
 
 
 EPISODES = [
@@ -284,7 +286,9 @@ def test_episode_metrics_by_hand():
     assert metrics["episode/step_reward"] == pytest.approx(1.5 / 6)
     assert metrics["episode/end_done"] == 0.5 and metrics["episode/end_error"] == 0.5
     assert (metrics["tools/calls"], metrics["tools/failures"]) == (3.0, 2.0)
-    assert (metrics["tools/add/calls"], metrics["tools/add/failures"], metrics["tools/mul/failures"]) == (2.0, 1.0, 1.0)
+    assert (metrics["tools/add/calls"], metrics["tools/add/failures"], metrics["tools/unknown_tool/failures"]) == (
+        2.0, 1.0, 1.0)
+    assert not any("mul" in key for key in metrics)  # an invented tool name makes no metric key
     assert metrics["actions/GET_PROPERTIES"] == pytest.approx(2 / 6) and metrics["actions/add"] == pytest.approx(2 / 6)
     assert episode_metrics(None) == {}
 
@@ -307,3 +311,25 @@ def test_an_agent_sft_sample_shows_the_tools_and_learns_the_tool_call(char_token
     rendered = char_tokenizer.decode(prompt.token_ids({"prompt": conversation.messages[0]["content"]}))
     assert char_tokenizer.decode(example.ids).startswith(rendered)  # the GRPO prompt is the sample's prefix
     assert '"name": "calculate"' in rendered
+
+
+def test_the_replay_environment_walks_a_recorded_episode():
+    from grpokit.data.loaders import read_rows
+    from grpokit.envs.builtin import Replay
+
+    rows = read_rows(Path(__file__).resolve().parents[1] / "recipes" / "data" / "phone-episodes.jsonl",
+                     prompt_field="instruction")
+    row = next(r for r in rows if r["episode_id"] == "ok-0")
+    env = Replay()
+    assert env.reset(row).startswith("Home screen")
+    first = env.step("Tap  MUSIC")
+    assert first.reward == 1.0 and first.observation.startswith("Music app") and not first.done
+    second = env.step("type Fast Train")
+    assert second.reward == 0.0 and second.info["expected"] == "type Slow Train"
+    last = env.step("tap first result")
+    assert last.done and last.reward == 1.0 and last.info["success"] is False  # one step did not match
+    typed = Replay(match="type")
+    typed.reset(row)
+    assert typed.step("tap Camera").reward == 1.0
+    with pytest.raises(ValueError, match="did not succeed"):
+        Replay().reset(next(r for r in rows if not r["success"]))

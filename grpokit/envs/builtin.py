@@ -1,4 +1,5 @@
-"""Built-in environments: a calculator tool for arithmetic word problems.
+"""Built-in environments: a calculator tool for arithmetic word problems, and the replay of recorded
+episodes (a GUI agent's: the recorded observation each turn, a reward for the recorded action).
 
 ``rollout.environment: calculator`` gives the policy one tool, ``calculate(expression)``, which
 evaluates arithmetic exactly (integers stay exact, however long) without running any code: the
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import ast
 import operator
+import re
 
+from grpokit.envs.contract import StepResult
 from grpokit.envs.registry import register_environment
 from grpokit.envs.tools import ToolEnvironment
 
@@ -59,3 +62,50 @@ class Calculator(ToolEnvironment):
 
     def __init__(self):
         super().__init__([calculate])
+
+
+@register_environment("replay")
+class Replay:
+    """A recorded episode replayed (the GUI-agent use): the data rows are episodes (``grpokit data``'s
+    schema; ``data.prompt_field: instruction``). Each turn the policy proposes the step's action on the
+    step's recorded observation; it earns 1 for the recorded action (the text compared with case and
+    spacing ignored; ``match: type`` compares only the action's type, the text before any ``(`` or
+    space), and the next recorded observation follows either way. ``info["success"]`` on the last step
+    says whether every action matched. Replay only episodes that succeeded (``only_successful``) to
+    teach what worked."""
+
+    def __init__(self, match: str = "exact", only_successful: bool = True):
+        if match not in ("exact", "type"):
+            raise ValueError(f"match must be 'exact' or 'type', not {match!r}")
+        self.match, self.only_successful = match, only_successful
+
+    def reset(self, row: dict) -> str:
+        from grpokit.data.episodes import Episode, render_observation
+
+        fields = {key: row[key] for key in Episode.model_fields if key in row}
+        fields.setdefault("instruction", row.get("prompt") if isinstance(row.get("prompt"), str) else "")
+        episode = Episode.model_validate(fields)
+        if self.only_successful and not episode.success:
+            raise ValueError(f"episode {episode.episode_id!r} did not succeed; replay successful episodes only "
+                             "(or set environment_args.only_successful: false)")
+        self.steps, self.index, self.matched = episode.steps, 0, []
+        self._render = render_observation
+        return self._render(self.steps[0].observation) if self.steps else None
+
+    def _normalise(self, text: str) -> str:
+        text = " ".join(text.lower().split())
+        return re.split(r"[ (]", text, maxsplit=1)[0] if self.match == "type" else text
+
+    def step(self, action: str) -> StepResult:
+        from grpokit.data.episodes import render_action
+
+        if self.index >= len(self.steps):
+            return StepResult(None, done=True, info={"success": all(self.matched)})
+        expected = render_action(self.steps[self.index].action)
+        matched = self._normalise(action) == self._normalise(expected)
+        self.matched.append(matched)
+        self.index += 1
+        done = self.index == len(self.steps)
+        info = {"expected": expected, "matched": matched, **({"success": all(self.matched)} if done else {})}
+        observation = None if done else self._render(self.steps[self.index].observation)
+        return StepResult(observation, reward=float(matched), done=done, info=info)

@@ -109,7 +109,8 @@ def tool_turn(text: str, tools: dict[str, Callable]) -> StepResult:
         result, error = run_call(call, tools)
         content = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
         messages.append({"role": "tool", "name": call.get("name") or "unknown", "content": content})
-        record.append({"name": call.get("name"), "arguments": call.get("arguments"), "error": error})
+        record.append({"name": call.get("name"), "arguments": call.get("arguments"), "error": error,
+                       "known": call.get("name") in tools})
     observation = messages[0] if len(messages) == 1 else {"role": "tool", "content": "\n".join(
         m["content"] for m in messages), "name": ",".join(m["name"] for m in messages)}
     return StepResult(observation, info={"tool_calls": record})

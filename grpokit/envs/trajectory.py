@@ -14,14 +14,24 @@ DEFAULT_ACTION = r"\b([A-Z][A-Z_]{1,})\b"
 END_KINDS = ("done", "max_turns", "length", "error", "timeout")
 
 
+UNKNOWN_TOOL = "unknown_tool"
+
+
+def tool_name(call: dict) -> str:
+    """A call's tool as metrics name it: a tool the environment has, else one bucket, so a policy that
+    invents names cannot invent metric keys."""
+    return str(call["name"]) if call.get("known", True) and call.get("name") else UNKNOWN_TOOL
+
+
 def action_types(episode: dict, pattern: str = DEFAULT_ACTION) -> list[str]:
-    """Each step's action type: its first tool call's name, else the first match of ``pattern`` in the
-    turn's text (an upper-case word such as ``CLICK`` of ``CLICK([1])``), else ''."""
+    """Each step's action type: its first tool call's tool (``unknown_tool`` for a name the environment
+    does not have), else the first match of ``pattern`` in the turn's text (an upper-case word such as
+    ``CLICK`` of ``CLICK([1])``), else ''."""
     compiled, types = re.compile(pattern), []
     for step in episode["steps"]:
         calls = (step.get("info") or {}).get("tool_calls") or []
-        if calls and calls[0].get("name"):
-            types.append(calls[0]["name"])
+        if calls:
+            types.append(tool_name(calls[0]))
             continue
         match = compiled.search(step.get("action") or "")
         types.append(match.group(1) if match else "")
@@ -44,8 +54,8 @@ def episode_metrics(episodes: list[dict | None] | None) -> dict[str, float]:
     calls = [call for step in steps for call in (step.get("info") or {}).get("tool_calls", [])]
     metrics["tools/calls"] = float(len(calls))
     metrics["tools/failures"] = float(sum(1 for call in calls if call.get("error")))
-    for name in sorted({str(call.get("name")) for call in calls}):
-        mine = [call for call in calls if str(call.get("name")) == name]
+    for name in sorted({tool_name(call) for call in calls}):
+        mine = [call for call in calls if tool_name(call) == name]
         metrics[f"tools/{name}/calls"] = float(len(mine))
         metrics[f"tools/{name}/failures"] = float(sum(1 for call in mine if call.get("error")))
     types = Counter(t for e in episodes for t in action_types(e) if t)
