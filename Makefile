@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.grpokit-installed
 # of pulling a multi-GB CUDA build. Override on a GPU machine: make TORCH_SPEC=torch test
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo vlm-demo test clean
+.PHONY: setup demo vlm-demo agent-demo test clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ vlm-demo: $(STAMP)
 	$(VENV)/bin/grpokit sft recipes/vlm/sft-align.yaml --overwrite
 	$(VENV)/bin/grpokit train recipes/vlm/grpo.yaml --overwrite
 	$(VENV)/bin/grpokit report runs/vlm-demo
+
+# The agent worked example: a warm start on 16 calculator demonstrations (grpokit sft), then GRPO
+# with the calculator environment on three-number sums. docs/agents/ holds a recorded run.
+agent-demo: $(STAMP)
+	$(VENV)/bin/grpokit sft recipes/agents/sft-calculator.yaml --overwrite
+	$(VENV)/bin/grpokit train recipes/agents/calculator.yaml --overwrite
+	$(VENV)/bin/grpokit report runs/agent-calculator
 
 test: $(STAMP)
 	$(PY) -m pytest
