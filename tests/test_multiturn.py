@@ -333,3 +333,64 @@ def test_the_replay_environment_walks_a_recorded_episode():
     assert typed.step("tap Camera").reward == 1.0
     with pytest.raises(ValueError, match="did not succeed"):
         Replay().reset(next(r for r in rows if not r["success"]))
+
+
+def test_curiosity_pays_for_what_its_dynamics_model_cannot_predict_and_learns(tmp_path):
+    from grpokit.rewards.trajectory import Curiosity
+
+    seen = episode(step("open the door", 0.0), step("look", 0.0))
+    seen["steps"][0]["observation"] = {"role": "user", "content": "a long red corridor"}
+    seen["steps"][1]["observation"] = {"role": "user", "content": "a locked green gate"}
+    ended = episode(step("answer"))  # no observation after its only turn: nothing to predict
+    curiosity = Curiosity(eta=1.0, encoder="hash", dim=64, learning_rate=0.05)
+    first = curiosity(["start"] * 3, [0, 0, 0], trajectory=[seen, ended, None])
+    assert first[0] > 0 and first[1] == 0.0 and first[2] is None
+    for _ in range(30):
+        later = curiosity(["start"], [0], trajectory=[seen])
+    assert later[0] < first[0] / 4  # a familiar transition pays less and less
+    assert curiosity(["start"], [0]) == [None]  # one-turn rollouts
+
+    copy = Curiosity(eta=1.0, encoder="hash", dim=64, learning_rate=0.05)
+    copy.load_state_dict(curiosity.state_dict())
+    assert copy(["start"], [0], trajectory=[seen]) == curiosity(["start"], [0], trajectory=[seen])
+
+
+class Corridor:
+    def reset(self, row):
+        self.turn = 0
+
+    def step(self, action):
+        self.turn += 1
+        return StepResult(f"room {self.turn}", done=self.turn >= 2)
+
+
+def test_curiosity_state_is_checkpointed_and_resumed(tiny_model_dir, tmp_path, monkeypatch):
+    from grpokit.models.checkpoint import load_torch_state
+
+    monkeypatch.setattr(sys.modules[__name__], "Corridor", Corridor)
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run",
+                         rollout={"environment": f"{__name__}:Corridor", "max_turns": 2, "num_generations": 2,
+                                  "max_completion_length": 24, "max_prompt_length": 1024},
+                         training={"max_steps": 2, "prompts_per_step": 2, "save_every": 1})
+    recipe["rewards"] = [{"name": "toy_digits"},
+                         {"name": "curiosity", "args": {"encoder": "hash", "dim": 32, "eta": 0.5}}]
+    # the tiny model ends turns rarely: nudge its end-of-turn token as it is loaded
+    monkeypatch.setattr("grpokit.train.run.load_policy", _eager)
+    run_dir = train(recipe_from_dict(recipe))
+    updates = load_torch_state(run_dir / "checkpoints" / "step-2", "rewards")["curiosity"]["updates"]
+    assert updates >= 1
+    recipe["training"]["max_steps"] = 3
+    train(recipe_from_dict(recipe), resume=True)
+    resumed = load_torch_state(run_dir / "checkpoints" / "step-3", "rewards")["curiosity"]["updates"]
+    assert resumed > updates  # it went on from the saved model, not from a new one
+
+
+def _eager(model_cfg, beta, merge_lora=False):
+    """load_policy, then the end-of-turn nudge of ``eager_policy`` on the loaded model."""
+    from grpokit.models.loading import load_policy
+
+    policy = load_policy(model_cfg, beta, merge_lora)
+    shift = torch.zeros(policy.model.get_output_embeddings().out_features)
+    shift[EOS] = 4.0
+    policy.model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + shift)
+    return policy

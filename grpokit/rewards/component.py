@@ -120,7 +120,8 @@ class RewardComponent:
         self.timeout_s = float(getattr(spec, "timeout_s", 120.0))
         args = dict(spec.args)
         target = resolve_reward(spec.name, list(search_path))
-        if getattr(spec, "factory", False):
+        # a factory (spec.factory), or a built-in that keeps state across calls (curiosity): built once per run
+        if getattr(spec, "factory", False) or getattr(target, "grpokit_factory", False):
             target, args = self._build(target, args), {}
         prepare = getattr(target, "grpokit_prepare", None)
         if prepare is not None:  # e.g. the code sandbox probes and logs its protections at start

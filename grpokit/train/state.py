@@ -66,7 +66,15 @@ def capture(run: Run, optimizer, scheduler, step: int) -> tuple[dict[str, Any], 
     torch_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(run)}
     if run.replay is not None:
         torch_state["replay"] = run.replay.state_dict()
+    stateful = stateful_rewards(run)
+    if stateful:
+        torch_state["rewards"] = {name: fn.state_dict() for name, fn in stateful.items()}
     return json_state, torch_state
+
+
+def stateful_rewards(run: Run) -> dict[str, Any]:
+    """Reward components that learn as the run goes (curiosity's dynamics model), by name."""
+    return {c.name: c.fn for c in run.rewards.components if hasattr(c.fn, "state_dict")}
 
 
 def restore(run: Run, optimizer, scheduler, directory: Path, json_state: dict[str, Any]) -> int:
@@ -93,4 +101,8 @@ def restore(run: Run, optimizer, scheduler, directory: Path, json_state: dict[st
     set_rng_state(run, load_torch_state(directory, "rng"))
     if run.replay is not None and (directory / "replay.pt").is_file():
         run.replay.load_state_dict(load_torch_state(directory, "replay"))
+    saved = load_torch_state(directory, "rewards") if (directory / "rewards.pt").is_file() else {}
+    for name, fn in stateful_rewards(run).items():
+        if name in saved:
+            fn.load_state_dict(saved[name])
     return json_state["step"]
