@@ -394,3 +394,21 @@ def _eager(model_cfg, beta, merge_lora=False):
     shift[EOS] = 4.0
     policy.model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + shift)
     return policy
+
+
+def test_generate_runs_episodes_in_the_recipes_environment(tiny_model_dir, tmp_path):
+    import yaml
+
+    from conftest import run_cli
+
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", rollout={"environment": "calculator", "max_turns": 2,
+                                                                     "max_completion_length": 16,
+                                                                     "max_prompt_length": 1024})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "gen.jsonl"
+    assert run_cli(["generate", "--model", tiny_model_dir, "--recipe", path, "--num-generations", 2, "--out", out,
+                    "--limit", 3, "--rewards"]) == 0
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(lines) == 3 and all(len(line["trajectories"]) == 2 for line in lines)
+    assert all(t["end"] in ("done", "max_turns", "length") for line in lines for t in line["trajectories"])

@@ -83,7 +83,10 @@ def select_rows(data, split: str | None) -> tuple[list[dict], str]:
 def job_meta(model: str, split: str, k: int, batch_size: int, settings, recipe, with_rewards: bool) -> dict[str, Any]:
     """Everything that decides the lines: two runs resume each other only if these are equal."""
     sections = {"model": recipe.model.model_dump(mode="json", exclude={"path", "lora"}),  # --model replaces both
-                "data": recipe.data.model_dump(mode="json")}
+                "data": recipe.data.model_dump(mode="json"),
+                # the environment decides the lines too (a multi-turn job)
+                "environment": recipe.rollout.model_dump(mode="json", include={
+                    "environment", "environment_args", "tools", "max_turns", "max_tool_output_tokens"})}
     return {
         "model": model, "data": recipe.data.label, "split": split, "num_generations": k, "seed": settings.seed,
         "batch_size": batch_size,
@@ -144,36 +147,42 @@ def written_rows(out: Path, rows: list[dict]) -> tuple[set[int], int]:
     return done, len(content) - len(whole)
 
 
-def sample_block(policy, batch, settings, k: int, seed: int) -> list[tuple[list[str], list[int]]]:
+def sample_block(policy, batch, settings, k: int, seed: int) -> list[tuple[list[str], list[int], list | None]]:
     """``k`` completions of each prompt of a block (a PromptBatch), decoded together from one seeded
-    sampler: ``(texts, token lengths)`` per prompt."""
+    sampler: ``(texts, token lengths, episodes)`` per prompt; episodes (each completion's trajectory)
+    only when the recipe runs an environment."""
     from grpokit.rollout import build_sampler
 
     sampler = build_sampler(policy, settings.backend, max_new_tokens=settings.max_completion_length,
-                            temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, seed=seed)
+                            temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k, seed=seed,
+                            environment=settings.environment, **settings.turns)
     out = sampler.generate(batch, num_generations=k)
     texts = policy.tokenizer.batch_decode(out.completion_ids_NC, skip_special_tokens=True)
     lengths = out.completion_lengths_N.tolist()
-    return [(texts[i * k:(i + 1) * k], lengths[i * k:(i + 1) * k]) for i in range(len(batch))]
+    episodes = out.trajectories_N
+    return [(texts[i * k:(i + 1) * k], lengths[i * k:(i + 1) * k],
+             None if episodes is None else episodes[i * k:(i + 1) * k]) for i in range(len(batch))]
 
 
-def score_row(rewards, row: dict, texts: list[str]) -> dict[str, list]:
+def score_row(rewards, row: dict, texts: list[str], episodes: list | None = None) -> dict[str, list]:
     """The total (weighted sum, as eval computes it) and each component's raw values, K each.
 
     One row at a time for the same reason as decoding: a batched reward (an embedding
     model) must not make a row's values depend on its neighbours."""
-    from grpokit.rewards import as_completions, columns_of
+    from grpokit.rewards import columns_of, completions_of, episode_columns
 
     prompts = [row["prompt"]] * len(texts)
-    total_N, parts = rewards(prompts, as_completions(prompts, texts), columns_of([row] * len(texts)),
-                             group_size=len(texts))
+    total_N, parts = rewards(prompts, completions_of(episodes, prompts, texts), columns_of([row] * len(texts)),
+                             group_size=len(texts), extras=episode_columns(episodes))
     return {"total": total_N.tolist(), **parts}
 
 
 def make_line(index: int, row: dict, texts: list[str], lengths: list[int], rewards: dict | None,
-              model: str, seed: int) -> bytes:
+              model: str, seed: int, episodes: list | None = None) -> bytes:
     line: dict[str, Any] = {"index": index, "prompt": row["prompt"], "completions": texts, "completion_lengths": lengths}
     line.update((key, value) for key, value in row.items() if key != "prompt")
+    if episodes is not None:  # an environment's run: each completion's whole trajectory
+        line["trajectories"] = episodes
     if rewards is not None:
         line["rewards"] = rewards
     line.update(model=model, seed=seed)
@@ -233,9 +242,10 @@ def generate_file(model: str, out: str | Path, num_generations: int, *, recipe_p
                 wanted = [i for i in range(start, start + len(block)) if i in todo_set]
                 lines = []
                 for index in wanted:
-                    texts, lengths = sampled[index - start]
-                    scores = score_row(reward_set, rows[index], texts) if reward_set else None
-                    lines.append(make_line(index, rows[index], texts, lengths, scores, model_name, settings.seed))
+                    texts, lengths, episodes = sampled[index - start]
+                    scores = score_row(reward_set, rows[index], texts, episodes) if reward_set else None
+                    lines.append(make_line(index, rows[index], texts, lengths, scores, model_name, settings.seed,
+                                           episodes))
                 handle.write(b"".join(lines))
                 handle.flush()
                 os.fsync(handle.fileno())  # a kill now loses at most the next block
