@@ -276,6 +276,11 @@ def test_trajectory_rewards_by_hand():
     assert action_coherence(None, [0, 0, 0], pairs={"SEGMENT -> GET_PROPERTIES": 0.2}, repeat_penalty=-0.5,
                             **columns) == pytest.approx([-0.3, -0.5, None])
     assert tool_misuse(None, ["one turn"]) == [None]
+    from grpokit.rewards.trajectory import episode_success
+
+    won, lost = episode(step("a")), episode(step("b"))
+    won["steps"][-1]["info"]["success"], lost["steps"][-1]["info"]["success"] = True, False
+    assert episode_success(None, [0] * 4, trajectory=[won, lost, EPISODES[0], None]) == [1.0, 0.0, None, None]
 
 
 def test_episode_metrics_by_hand():

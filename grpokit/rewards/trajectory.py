@@ -3,6 +3,8 @@ gives every completion (``rewards.episode_columns``), and return None for one-tu
 
 - ``environment_reward``: the environment's own reward, summed over the episode's steps (a TRL
   environment's ``get_reward()`` arrives as the last step's reward).
+- ``episode_success``: 1 when the episode's last step says ``info["success"]`` (the replay
+  environment's verdict), 0 when it says it failed.
 - ``tool_misuse``: ``penalty`` (negative) per tool call that could not run: an unknown tool, arguments
   that do not fit its signature, JSON that does not parse, or a tool that raised.
 - ``action_coherence``: the sum of ``pairs`` bonuses over consecutive action types
@@ -30,6 +32,19 @@ def environment_reward(prompts, completions, episode_reward=None, **_) -> list[f
     if episode_reward is None:
         return [None] * len(completions)
     return [None if value is None else float(value) for value in episode_reward]
+
+
+@register("episode_success")
+def episode_success(prompts, completions, trajectory=None, **_) -> list[float | None]:
+    """1.0 when the episode's last step reports ``info["success"]`` true (the replay environment does;
+    a user's environment may), 0.0 when false; None when it says nothing, and for one-turn rollouts."""
+    if trajectory is None:
+        return [None] * len(completions)
+    scores = []
+    for episode in trajectory:
+        info = (episode["steps"][-1].get("info") or {}) if episode and episode["steps"] else {}
+        scores.append(float(bool(info["success"])) if "success" in info else None)
+    return scores
 
 
 @register("tool_misuse")
