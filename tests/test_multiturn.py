@@ -417,3 +417,27 @@ def test_generate_runs_episodes_in_the_recipes_environment(tiny_model_dir, tmp_p
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(lines) == 3 and all(len(line["trajectories"]) == 2 for line in lines)
     assert all(t["end"] in ("done", "max_turns", "length") for line in lines for t in line["trajectories"])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+def test_a_vlm_acts_on_an_image_prompt_over_several_turns(family):
+    """A screenshot in the prompt, text observations after: the ids scored are the ids sampled, with
+    the prompt's images and (Qwen) its multimodal positions."""
+    from test_vlm_models import tiny_vlm
+    from test_vlm_rollout import ROWS
+
+    model, processor = tiny_vlm(family)
+    cfg = ModelConfig(path="unused", dtype="float32", lora=None, device="cpu")
+    policy = wrap_policy(model, processor, cfg, beta=0.0, device=torch.device("cpu"))
+    eos = policy.eos_ids[0]
+    shift = torch.zeros(policy.model.get_output_embeddings().out_features)
+    shift[eos] = 5.0
+    policy.model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + shift)
+    batch = PromptEncoder(processor, True, None, 4096)(ROWS)
+    out = build_sampler(policy, max_new_tokens=40, environment=spec(lambda: Echo(turns=3))).generate(batch, G)
+    assert (out.completion_mask_NC.bool() & ~out.loss_mask_NC.bool()).any()  # observations were fed
+    with torch.no_grad():
+        logp_NC, _ = completion_logprobs(policy.model, out.prompt_ids_NP, out.prompt_mask_NP, out.completion_ids_NC,
+                                         out.completion_mask_NC, out.prompt_inputs_N, group_size=G)
+    own = out.loss_mask_NC.bool()
+    torch.testing.assert_close(logp_NC[own], out.sampling_logprobs_NC[own], atol=1e-4, rtol=1e-4)
