@@ -41,3 +41,14 @@ def import_function(name: str, what: str, error: type[Exception], search_path: l
         raise error(f"{what} {name!r}: module {module_name!r} has no function {attr!r} "
                     f"(the module is {getattr(module, '__file__', None) or 'built in'})")
     return fn
+
+
+def resolve_name(name: str, registry: dict, what: str, error: type[Exception], unknown: str,
+                 search_path: list[str] = ()) -> Callable:
+    """What a recipe names: a registry entry, or ``package.module:name`` imported; ``unknown`` is the
+    message for a bare name the registry lacks."""
+    if name in registry:
+        return registry[name]
+    if ":" not in name:
+        raise error(unknown)
+    return import_function(name, what, error, search_path)

@@ -44,7 +44,7 @@ from grpokit.data.episodes import (
 from grpokit.data.chat import as_chat, check_messages
 from grpokit.data.images import count_placeholders, with_checked_images
 from grpokit.errors import DataError
-from grpokit.imports import import_function
+from grpokit.imports import resolve_name
 
 Comparator = Callable[[Episode, Episode], int]
 
@@ -244,12 +244,9 @@ COMPARATORS: dict[str, Comparator] = {"success": prefer_success, "shorter": pref
 
 def resolve_comparator(name: str) -> Comparator:
     """A built-in comparator by name, or a user function ``package.module:function``."""
-    if name in COMPARATORS:
-        return COMPARATORS[name]
-    if ":" not in name:
-        raise DataError(f"unknown comparator {name!r}; built-ins are {sorted(COMPARATORS)}, "
-                        "or name your own as 'package.module:function' taking (a, b) and returning an int")
-    return import_function(name, "comparator", DataError)
+    return resolve_name(name, COMPARATORS, "comparator", DataError,
+                        f"unknown comparator {name!r}; built-ins are {sorted(COMPARATORS)}, or name your own as "
+                        "'package.module:function' taking (a, b) and returning an int")
 
 
 def _compare(fn: Comparator, label: str, a: Episode, b: Episode) -> float:

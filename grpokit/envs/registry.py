@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from grpokit.envs.tools import FactoryEnvironment, ToolEnvironment, tool_schema, tool_turn
 from grpokit.errors import RecipeError
-from grpokit.imports import import_function
+from grpokit.imports import import_function, resolve_name
 
 ENVIRONMENTS: dict[str, type] = {}
 
@@ -51,15 +51,6 @@ class _WithTools:
         return self.environment.step(action) if result.done else result
 
 
-def _resolve_class(spec: str) -> type:
-    if spec in ENVIRONMENTS:
-        return ENVIRONMENTS[spec]
-    if ":" not in spec:
-        raise RecipeError(f"rollout.environment {spec!r}: not a registered environment ({sorted(ENVIRONMENTS)}) "
-                          "and not module:Class")
-    return import_function(spec, "rollout.environment", RecipeError)
-
-
 def build_environment(section) -> EnvironmentSpec | None:
     """The environment a recipe section names (``rollout``, or an SFT recipe's ``data``) with its
     ``environment``, ``tools`` and ``environment_args``; None without the first two. A probe instance
@@ -71,7 +62,10 @@ def build_environment(section) -> EnvironmentSpec | None:
     tool_schemas = [tool_schema(f) for f in functions]
     if spec is None:
         return EnvironmentSpec(lambda: ToolEnvironment(functions), tool_schemas, "tools")
-    cls, args = _resolve_class(spec), dict(getattr(section, "environment_args", {}))
+    cls = resolve_name(spec, ENVIRONMENTS, "rollout.environment", RecipeError,
+                       f"rollout.environment {spec!r}: not a registered environment ({sorted(ENVIRONMENTS)}) "
+                       "and not module:Class")
+    args = dict(getattr(section, "environment_args", {}))
 
     def make():
         instance = cls(**args)

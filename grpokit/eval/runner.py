@@ -51,7 +51,8 @@ class EvalSettings:
                              tools=self.environment.schemas if self.environment else None)
 
     @classmethod
-    def from_recipe(cls, recipe) -> "EvalSettings":
+    def from_recipe(cls, recipe, environment=None) -> "EvalSettings":
+        """``environment``: the run's own EnvironmentSpec when it has one, else built from the recipe."""
         rollout, ev = recipe.rollout, recipe.eval
         return cls(
             accuracy_reward=recipe.accuracy_reward, chat_template=recipe.data.chat_template,
@@ -60,7 +61,7 @@ class EvalSettings:
             num_samples=ev.num_samples, num_generations=ev.num_generations, pass_k=tuple(ev.pass_k),
             temperature=ev.temperature or rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
             seed=recipe.training.seed, max_steps=recipe.training.max_steps, backend=rollout.backend,
-            environment=build_environment(rollout), turns=turn_options(rollout),
+            environment=environment or build_environment(rollout), turns=turn_options(rollout),
         )
 
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Callable, Literal
 
 from grpokit.errors import RewardError
-from grpokit.imports import import_function
+from grpokit.imports import resolve_name
 
 RewardFn = Callable[..., list]
 Kind = Literal["completion", "group", "verl"]
@@ -86,13 +86,8 @@ def register(name: str, kind: Kind = "completion", run_in: RunIn = "thread") -> 
 
 def resolve_reward(name: str, search_path: list[str] = ()) -> RewardFn:
     """Return the function a recipe names: a registered name or ``package.module:function``."""
-    if name in REWARDS:
-        return REWARDS[name]
-    if ":" not in name:
-        raise RewardError(
-            f"unknown reward {name!r}; registered rewards are {sorted(REWARDS)}, "
-            "or name your own as 'package.module:function'"
-        )
-    return import_function(name, "reward", RewardError, search_path)
+    return resolve_name(name, REWARDS, "reward", RewardError,
+                        f"unknown reward {name!r}; registered rewards are {sorted(REWARDS)}, "
+                        "or name your own as 'package.module:function'", search_path)
 
 

@@ -60,14 +60,17 @@ class PromptEncoder:
     def multimodal(self) -> bool:
         return reads_images(self.processor)
 
+    @property
+    def templated(self) -> bool:
+        """Whether prompts go through a chat template (the recipe asks and the model has one)."""
+        return self.chat_template and chat_template_of(self.processor) is not None
+
     def _text(self, messages: list[dict] | str, where: str) -> str:
         """The prompt as the model reads it: through the chat template (the processor's, for a VLM), or
         the messages' text joined when the recipe turns the template off."""
-        tokenizer = self.tokenizer
-        template = chat_template_of(self.processor)
-        if self.chat_template and template is not None:
-            return render_with_tools(tokenizer, prompt_messages(messages, self.system_prompt), where, template,
-                                     self.tools, generation_prompt=True)
+        if self.templated:
+            return render_with_tools(self.tokenizer, prompt_messages(messages, self.system_prompt), where,
+                                     chat_template_of(self.processor), self.tools, generation_prompt=True)
         if isinstance(messages, str):
             return messages
         image = getattr(self.processor, "image_token", PLACEHOLDER)
@@ -80,10 +83,8 @@ class PromptEncoder:
             if row.get("images"):
                 raise DataError(f"{where}: the row has {len(row['images'])} image(s), but the model reads text "
                                 "only; use a vision-language model (model.name) or drop the images")
-            text = self._text(row["prompt"], where)
-            if self.chat_template and self.tokenizer.chat_template is not None:
-                return self.tokenizer(text, add_special_tokens=False)["input_ids"], {}
-            return self.tokenizer(text)["input_ids"], {}
+            # a rendered template holds its own special tokens; plain text gets the tokenizer's
+            return self.tokenizer(self._text(row["prompt"], where), add_special_tokens=not self.templated)["input_ids"], {}
         refs = row.get("images") or []
         text = self._text(with_image_blocks(row["prompt"], len(refs), where), where)
         return process_text(self.processor, text, open_images(refs))

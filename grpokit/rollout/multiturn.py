@@ -19,6 +19,7 @@ those in a row stop the run, as rewards do).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -139,12 +140,18 @@ class MultiTurnSampler(TorchSampler):
             ids = tokenizer(content, add_special_tokens=False)["input_ids"]
             if len(ids) > self.max_tool_output_tokens:
                 content = tokenizer.decode(ids[:self.max_tool_output_tokens]) + " …"
-        before = render_chat(tokenizer, _DUMMY, "<environment>", template=template)
         after = render_chat(tokenizer, _DUMMY + [{**message, "content": content}], "<environment>",
                             generation_prompt=True, template=template)
+        return tokenizer(after[self._turn_end:], add_special_tokens=False)["input_ids"]
+
+    @functools.cached_property
+    def _turn_end(self) -> int:
+        """Where a rendered assistant turn's end-of-turn token ends in the template's text: what follows
+        it in a longer rendering is the environment's reply and the next assistant header."""
+        tokenizer = tokenizer_of(self.policy.processor)
+        before = render_chat(tokenizer, _DUMMY, "<environment>", template=chat_template_of(self.policy.processor))
         eos = tokenizer.convert_ids_to_tokens(self.policy.eos_ids[0])
-        cut = before.rindex(eos) + len(eos)  # the policy's turn ends at its end-of-turn token
-        return tokenizer(after[cut:], add_special_tokens=False)["input_ids"]
+        return before.rindex(eos) + len(eos)
 
     # ------------------------------------------------------------------ decoding
 
@@ -168,7 +175,8 @@ class MultiTurnSampler(TorchSampler):
             logits_NV = head(hidden_BPH[:, -1, :]).repeat_interleave(G, dim=0)
             mask_NL = mask_BP.repeat_interleave(G, dim=0)
             pos_XN1 = positions_after(pos_XBP, G, 1)
-            for _ in range(self.max_new_tokens * (self.max_turns + 1)):
+            # every unfinished sequence keeps one token per pass, so max_new_tokens passes end them all
+            for _ in range(self.max_new_tokens):
                 if greedy:
                     sampled_N = logits_NV.argmax(dim=-1)
                 else:

@@ -68,7 +68,7 @@ def reward_metrics(rounds: list) -> dict[str, float]:
 
 def run_eval(run: Run, step: int, run_dir: Path, logger: RunLogger) -> dict[str, Any]:
     """Evaluate on the fixed held-out rows; write eval/step-N.json and an eval line."""
-    result = evaluate(run.policy, run.eval_rows, run.rewards, EvalSettings.from_recipe(run.recipe), step)
+    result = evaluate(run.policy, run.eval_rows, run.rewards, EvalSettings.from_recipe(run.recipe, run.environment), step)
     result["step"] = step
     log.info("eval at step %d: accuracy %.1f%% (%d held-out rows), mean reward %.3f",
              step, 100 * result["accuracy"], result["num_examples"], result["reward"])

@@ -23,7 +23,7 @@ from grpokit.errors import DataError
 from grpokit.log import check_trackers
 from grpokit.models import Policy, load_policy
 from grpokit.rewards import RewardOrchestrator, RewardSet, build_orchestrator
-from grpokit.envs import build_environment
+from grpokit.envs import EnvironmentSpec, build_environment
 from grpokit.rollout import PromptEncoder, Sampler, build_sampler, turn_options
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class Run:
     rng: random.Random
     order: list[int]
     orchestrator: RewardOrchestrator
+    environment: EnvironmentSpec | None = None  # multi-turn rollouts' environment (training and its evals)
     replay: ReplayBuffer | None = None
     cursor: int = 0
     consecutive_skips: int = 0
@@ -72,7 +73,8 @@ def setup(recipe: Recipe) -> Run:
     rng.shuffle(order)
     replay = ReplayBuffer(recipe.algorithm.replay.capacity) if recipe.algorithm.replay.capacity else None
     orchestrator = build_orchestrator(rewards, recipe.reward_shaping)
-    return Run(recipe, policy, rewards, encoder, sampler, train_rows, eval_rows, rng, order, orchestrator, replay)
+    return Run(recipe, policy, rewards, encoder, sampler, train_rows, eval_rows, rng, order, orchestrator,
+               environment, replay)
 
 
 def check_prompt_lengths(encoder: PromptEncoder, rows: list[dict], recipe: Recipe) -> None:
