@@ -193,10 +193,7 @@ def frozen_entries(model, freeze: list[str] | None, saved: list[str]) -> list[st
 def module_path(model, entry: str) -> str:
     """A ``modules_to_save`` entry as PEFT matches it: a role as its module path, a name as it is."""
     if entry in ROLE_NAMES:
-        if not is_multimodal(model):
-            raise ModelError(f"model.lora.modules_to_save: {entry!r} names a part of a vision-language model; "
-                             "this is a text model (use module names such as 'lm_head')")
-        return role_prefix(model, entry)
+        return role_prefix(model, entry, "model.lora.modules_to_save")
     if not any(name == entry or name.endswith("." + entry) for name, _ in model.named_modules()):
         raise ModelError(f"model.lora.modules_to_save: no module is named {entry!r}")
     return entry

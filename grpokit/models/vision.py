@@ -33,8 +33,12 @@ def family_roles(model) -> dict[str, str]:
     return ROLES[model_type]
 
 
-def role_prefix(model, role: str) -> str:
-    """The module path of ``role`` in ``model``, checked to exist."""
+def role_prefix(model, role: str, key: str = "model.freeze") -> str:
+    """The module path of ``role`` in ``model``, checked to exist; naming a role of a text model is a
+    ModelError that names the recipe ``key`` it came from."""
+    if not is_multimodal(model):
+        raise ModelError(f"{key}: {role!r} names a part of a vision-language model; this is a text model "
+                         "(use module-name patterns such as 'embed_tokens')")
     path = family_roles(model)[role]
     names = {name for name, _ in unwrap_model(model).named_modules()}
     if path not in names:
@@ -52,9 +56,6 @@ def role_patterns(model, entries: list[str] | None) -> list[str]:
     patterns = []
     for entry in entries:
         if entry in ROLE_NAMES:
-            if not is_multimodal(model):
-                raise ModelError(f"model.freeze: {entry!r} names a part of a vision-language model; this is a text "
-                                 "model (use module-name patterns such as 'embed_tokens')")
             patterns.append("^" + role_prefix(model, entry).replace(".", r"\.") + r"(\.|$)")
         else:
             patterns.append(entry)
