@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 from urllib.parse import urlparse
 
+from PIL import Image
+
 from grpokit.config import flatten  # noqa: F401 - MLflow params are the flattened recipe
 from grpokit.errors import RecipeError, RunDirError
 
@@ -97,13 +99,16 @@ def sanitise_key(name: str, disallowed: re.Pattern[str]) -> str:
 
 def json_ready(value: Any) -> Any:
     """``value`` as ``json.dumps`` can write it, recursively: NaN/infinity as None (``json.dumps``
-    would write the invalid ``NaN``), and raw bytes, which in a row are an encoded image (the
-    built-in visual tasks, Parquet image columns), as ``bytes_label`` (``json.dumps`` would raise).
+    would write the invalid ``NaN``), raw bytes, which in a row are an encoded image (the built-in
+    visual tasks, Parquet image columns), as ``bytes_label`` (``json.dumps`` would raise), and a
+    decoded image (a multi-turn observation's) as ``<image: WxH>``.
     The one place every JSON writer of rows (run logs, ``grpokit data`` outputs) goes through."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes_label(value)
+    if isinstance(value, Image.Image):  # an environment's observation image, in a trajectory
+        return f"<image: {value.width}x{value.height}>"
     if isinstance(value, dict):
         return {k: json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

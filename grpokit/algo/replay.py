@@ -41,6 +41,7 @@ class ReplayGroup:
     loss_mask_GC: torch.Tensor | None = None  # [G, C] tokens the policy generated (None: the completion mask)
     sampling_logprobs_GC: torch.Tensor | None = None  # [G, C] log-probs at sampling time, when the sampler gave them
     prompt_inputs: dict | None = None  # a vision-language prompt's image inputs (processor output), else None
+    completion_inputs_G: list[dict] | None = None  # each completion's observation images (multi-turn), else None
 
     @property
     def score(self) -> float:
@@ -129,7 +130,8 @@ def groups_from_batch(prompt_ids_NP: torch.Tensor, prompt_mask_NP: torch.Tensor,
                       advantages_N: torch.Tensor, rows: list[dict], group_size: int, step: int,
                       loss_mask_NC: torch.Tensor | None = None,
                       sampling_logprobs_NC: torch.Tensor | None = None,
-                      prompt_inputs_N: list[dict] | None = None) -> list[ReplayGroup]:
+                      prompt_inputs_N: list[dict] | None = None,
+                      completion_inputs_N: list[dict] | None = None) -> list[ReplayGroup]:
     """Split an ``N = B*G`` batch into B groups; rows ``[i*G, (i+1)*G)`` belong to ``rows[i]``.
 
     Every tensor is cloned, so later in-place edits of the batch cannot reach the buffer
@@ -162,5 +164,6 @@ def groups_from_batch(prompt_ids_NP: torch.Tensor, prompt_mask_NP: torch.Tensor,
             sampling_logprobs_GC=(None if sampling_logprobs_NC is None
                                   else sampling_logprobs_NC[rows_G, completion_cols].clone()),
             # per-prompt inputs are never padded or edited in place, so the group shares them
-            prompt_inputs=None if prompt_inputs_N is None else prompt_inputs_N[i * G]))
+            prompt_inputs=None if prompt_inputs_N is None else prompt_inputs_N[i * G],
+            completion_inputs_G=None if completion_inputs_N is None else completion_inputs_N[rows_G]))
     return groups

@@ -136,6 +136,29 @@ def _open_rgb(index: int, ref: ImageRef) -> Image.Image:
                         f"{exc}); it passed the load-time check, so it was probably changed since") from exc
 
 
+def block_image(block: dict, where: str) -> Image.Image:
+    """The image an image block carries (``{"type": "image", "image": ...}``, as an environment's
+    observation gives it): a decoded PIL image, a file path, encoded bytes or ``{"bytes", "path"}``;
+    RGB, as ``open_images`` gives it."""
+    value = block.get("image", block.get("path"))
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (str, bytes)):
+        check_images([value], where)
+        return open_images([value])[0]
+    raise DataError(f"{where}: an image block must carry its image under 'image' (a PIL image, a file path or "
+                    f"encoded bytes), got {type(value).__name__}")
+
+
+def encoded(image: Image.Image) -> bytes:
+    """A decoded image as PNG bytes: the reference a row keeps (rows hold references, not pixels)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 # --- prompts --------------------------------------------------------------------------------------
 
 def _is_image_block(part: Any) -> bool:

@@ -14,9 +14,15 @@ for tool results), in the context but out of the loss, until ``done``.
             right = action.strip() == self.target
             return StepResult("Correct." if right else "Try again.", reward=float(right), done=right)
 
-``reset`` may return ``None`` (the prompt is enough), a string, or ``{"role", "content"}``
-appended to the prompt's messages before the first turn. ``info`` is free-form and reaches
-rewards with the trajectory (``tool_calls`` in it is what the tool-misuse reward reads).
+``reset`` may return ``None`` (the prompt is enough), a string, or ``{"role", "content"}``,
+added to the prompt before the first turn (appended to its last user message, where TRL appends
+``reset``'s string). It must give the same opening for the G trajectories of one row: GRPO
+compares G attempts at one start. ``info`` is free-form and reaches rewards with the trajectory
+(``tool_calls`` in it is what the tool-misuse reward reads).
+
+An observation shows images to a vision-language policy as content blocks, the chat format
+processors read: ``{"role": "user", "content": [{"type": "image", "image": screenshot},
+{"type": "text", "text": "Where next?"}]}``, the image a PIL image, a file path or encoded bytes.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from grpokit.data.images import block_image, encoded, with_image_blocks
 from grpokit.errors import EnvFailure
 
 
@@ -67,3 +74,39 @@ def as_message(observation: Any, default_role: str, where: str) -> dict | None:
         return {"role": observation.get("role", default_role), **observation}
     raise EnvFailure(f"{where}: an observation must be None, a string or a {{'role', 'content'}} message, "
                             f"got {type(observation).__name__}")
+
+
+def image_blocks(content) -> list[dict]:
+    """The image blocks of a message's content (none in a string)."""
+    return [part for part in content if isinstance(part, dict) and part.get("type") == "image"] \
+        if isinstance(content, list) else []
+
+
+def _blocks(content) -> list[dict]:
+    """Content as blocks, each image block reduced to ``{"type": "image"}`` (its pixels travel apart)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    return [{"type": "image"} if part.get("type") == "image" else dict(part) for part in content]
+
+
+def opened_row(row: dict, opening: dict, where: str) -> dict:
+    """``row`` with ``reset``'s observation (a message) in its prompt: joined to the last user message, or a
+    message of its own after another role. Its images join the row's ``images`` (as PNG bytes)."""
+    prompt = row["prompt"]
+    images = [block_image(block, where) for block in image_blocks(opening["content"])]
+    refs = list(row.get("images") or [])
+    if images or refs:  # the prompt's own images placed explicitly, so the new blocks cannot shift them
+        messages = with_image_blocks(prompt, len(refs), where)
+    else:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    last, content = messages[-1], opening["content"]
+    if last["role"] == opening["role"] == "user":
+        joined = (last["content"] + "\n\n" + content if isinstance(last["content"], str) and isinstance(content, str)
+                  else _blocks(last["content"]) + _blocks(content))
+        messages[-1] = {**last, "content": joined}
+    else:
+        messages.append({**opening, "content": content if isinstance(content, str) else _blocks(content)})
+    opened = {**row, "prompt": messages}
+    if images:
+        opened["images"] = refs + [encoded(image) for image in images]
+    return opened

@@ -90,6 +90,38 @@ def prompt_positions(body, ids_BP: torch.Tensor, mask_BP: torch.Tensor, inputs: 
     return (mask_BP.cumsum(dim=1) - 1).clamp(min=0)
 
 
+def span_positions(body, ids_NW: torch.Tensor, mask_NW: torch.Tensor, inputs: dict,
+                   start_XN: torch.Tensor) -> torch.Tensor:
+    """Positions ``[..., N, W]`` of a right-padded span of tokens that continues each row, its first real
+    token at ``start_XN`` (``[N]``, or ``[3, N]`` for Qwen's rotary embedding): a multi-turn observation
+    fed after the policy's turn, or a whole multi-turn completion after its prompt. Text tokens count
+    up; an image block inside the span takes Qwen's (time, height, width) positions from
+    ``get_rope_index`` run on the span alone, which counts from 0 exactly as it would have continued
+    from the tokens before (a block starts one past the largest position so far)."""
+    offsets_XNW = (mask_NW.cumsum(dim=1) - 1).clamp(min=0)
+    if start_XN.dim() == 2:  # Qwen: text positions are equal in the three rotary dimensions
+        offsets_XNW = offsets_XNW.expand(start_XN.size(0), -1, -1)
+        if "image_grid_thw" in inputs:
+            types_NW = (ids_NW == body.config.image_token_id).long()
+            counted_NW = mask_NW.clone()
+            counted_NW[:, 0] |= ~mask_NW.bool().any(dim=1)  # a row with nothing to feed: one token, never read
+            offsets_XNW, _ = body.get_rope_index(ids_NW, mm_token_type_ids=types_NW, attention_mask=counted_NW,
+                                                 image_grid_thw=inputs["image_grid_thw"])
+    return start_XN[..., None] + offsets_XNW.to(start_XN.device)
+
+
+def next_positions(positions_XNW: torch.Tensor, mask_NW: torch.Tensor) -> torch.Tensor:
+    """The position ``[..., N]`` the token after each row's span takes: one past the largest position
+    the row's real tokens used, in every rotary dimension (after an image block Qwen's text resumes
+    one past the block's largest (t, h, w) index, not one past its token count). A row without real
+    tokens gets 0; the caller keeps its old position."""
+    used_XNW = positions_XNW.masked_fill(~mask_NW.bool(), -1)
+    last_N = used_XNW.amax(dim=-1)
+    if last_N.dim() == 2:
+        last_N = last_N.amax(dim=0, keepdim=True).expand_as(last_N)
+    return last_N + 1
+
+
 def positions_after(positions_XBP: torch.Tensor, group_size: int, steps: int) -> torch.Tensor:
     """The positions of the ``steps`` tokens that follow each prompt, for each of its ``group_size`` rows:
     ``[..., B*G, steps]``. A text token after the prompt sits one past the prompt's last position, in

@@ -38,6 +38,9 @@ class Rollouts:
     # [N] a vision-language prompt's image inputs as its processor gave them (one dict per prompt, shared
     # by reference across its group); None for a text model. The log-prob passes need them again.
     prompt_inputs_N: list[dict] | None = None
+    # [N] the image inputs of a multi-turn completion's observations (a vision-language environment's),
+    # one dict per sequence, empty for one without images; None when no completion holds an image
+    completion_inputs_N: list[dict] | None = None
     # [N] a multi-turn episode per sequence (messages, steps, how it ended): what trajectory rewards read
     trajectories_N: list[dict] | None = None
 
@@ -79,6 +82,7 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
     C = max(r.completion_ids_NC.size(1) for r in parts)
     sampled = all(r.sampling_logprobs_NC is not None for r in parts)
     multimodal = any(r.prompt_inputs_N is not None for r in parts)
+    observed = any(r.completion_inputs_N is not None for r in parts)
     episodes = any(r.trajectories_N is not None for r in parts)
     return Rollouts(
         prompt_ids_NP=torch.cat([_pad_to(r.prompt_ids_NP, P, pad_id, left=True) for r in parts]),
@@ -92,6 +96,8 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
         # a text prompt in a vision-language run has no image inputs: an empty dict each
         prompt_inputs_N=([inputs for r in parts for inputs in (r.prompt_inputs_N or [{}] * len(r.truncated_N))]
                          if multimodal else None),
+        completion_inputs_N=([inputs for r in parts for inputs in (r.completion_inputs_N or [{}] * len(r.truncated_N))]
+                             if observed else None),
         # a replayed group keeps no trajectory: its rewards are stored, nothing rescores it
         trajectories_N=([t for r in parts for t in (r.trajectories_N or [None] * len(r.truncated_N))]
                         if episodes else None),

@@ -32,6 +32,8 @@ class PromptBatch:
     # values, image grid sizes, token types; unpadded); None for a text model
     multimodal: list[dict] | None = None
     truncated: int = 0  # prompts cut to the length limit
+    # what encoded these prompts: a multi-turn environment whose reset adds to a prompt re-encodes its row
+    encoder: "PromptEncoder | None" = None
 
     def __len__(self) -> int:
         return self.input_ids_BP.size(0)
@@ -111,7 +113,7 @@ class PromptEncoder:
             images.append(inputs)
         ids_BP, mask_BP = left_pad(encoded, self.tokenizer.pad_token_id)
         return PromptBatch(ids_BP, mask_BP, rows=list(rows), multimodal=images if self.multimodal else None,
-                           truncated=truncated)
+                           truncated=truncated, encoder=self)
 
 
 def render_with_tools(tokenizer, messages: list[dict], where: str, template: str | None, tools: list[dict] | None,

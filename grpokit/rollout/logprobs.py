@@ -18,7 +18,7 @@ import inspect
 
 import torch
 
-from grpokit.models.multimodal import collate, positions_after, prompt_positions
+from grpokit.models.multimodal import collate, positions_after, prompt_positions, span_positions
 from grpokit.models.parts import backbone_and_head
 
 
@@ -60,8 +60,8 @@ def run_backbone(backbone, cache=None, **inputs):
 
 
 def completion_logprobs(model, prompt_ids_NP, prompt_mask_NP, completion_ids_NC, completion_mask_NC,
-                        prompt_inputs_N: list[dict] | None = None, with_entropy: bool = False,
-                        group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        prompt_inputs_N: list[dict] | None = None, completion_inputs_N: list[dict] | None = None,
+                        with_entropy: bool = False, group_size: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Score each completion token given its prompt and the completion tokens before it.
 
     With ``group_size`` G > 1 (rows ``[i*G, (i+1)*G)`` share a prompt) the prompt goes
@@ -71,12 +71,14 @@ def completion_logprobs(model, prompt_ids_NP, prompt_mask_NP, completion_ids_NC,
 
     ``prompt_inputs_N`` holds each row's image inputs (a vision-language model's prompts); they
     take the prefix path always, so image features are computed once per prompt (per group).
+    ``completion_inputs_N`` holds the images of each multi-turn completion's observations: they go
+    through the model with the completion tokens, at the positions the sampler gave them.
     """
     C = completion_ids_NC.size(1)
     backbone, head = backbone_and_head(model)
-    if group_size > 1 or prompt_inputs_N is not None:
+    if group_size > 1 or prompt_inputs_N is not None or completion_inputs_N is not None:
         hidden_NCH = _shared_prefix_hidden(backbone, prompt_ids_NP, prompt_mask_NP, completion_ids_NC,
-                                           completion_mask_NC, group_size, prompt_inputs_N)
+                                           completion_mask_NC, group_size, prompt_inputs_N, completion_inputs_N)
     else:
         input_ids_NL = torch.cat([prompt_ids_NP, completion_ids_NC], dim=1)  # [N, P + C]
         mask_NL = torch.cat([prompt_mask_NP, completion_mask_NC], dim=1)  # [N, P + C]
@@ -100,7 +102,8 @@ def prefill(backbone, prompt_ids_BP, prompt_mask_BP, prompt_inputs_B: list[dict]
 
 
 def _shared_prefix_hidden(backbone, prompt_ids_NP, prompt_mask_NP, completion_ids_NC, completion_mask_NC,
-                          G: int, prompt_inputs_N: list[dict] | None = None) -> torch.Tensor:
+                          G: int, prompt_inputs_N: list[dict] | None = None,
+                          completion_inputs_N: list[dict] | None = None) -> torch.Tensor:
     """Hidden states ``[N, C, H]`` that predict each completion token, the prompt computed once per group."""
     prompt_ids_BP, prompt_mask_BP = prompt_ids_NP[::G], prompt_mask_NP[::G]  # [B, P]
     prompt_inputs_B = prompt_inputs_N[::G] if prompt_inputs_N is not None else None
@@ -110,7 +113,12 @@ def _shared_prefix_hidden(backbone, prompt_ids_NP, prompt_mask_NP, completion_id
     C = completion_ids_NC.size(1)
     mask_NL = torch.cat([prompt_mask_NP, completion_mask_NC], dim=1)  # [N, P + C]
     # completion token t sits one past the prompt's last position, plus t; tokens after EOS are masked anyway
+    positions = positions_after(pos_XBP, G, C)
+    inputs = {}
+    if completion_inputs_N is not None and any(completion_inputs_N):  # observation images (multi-turn)
+        inputs = {k: v.to(completion_ids_NC.device) for k, v in collate(completion_inputs_N, C, left=False).items()}
+        positions = span_positions(backbone, completion_ids_NC, completion_mask_NC, inputs, positions[..., 0])
     completion_hidden_NCH, _ = run_backbone(backbone, cache, input_ids=completion_ids_NC, attention_mask=mask_NL,
-                                            position_ids=positions_after(pos_XBP, G, C))
+                                            position_ids=positions, **inputs)
     last_prompt_N1H = prompt_hidden_BPH[:, -1:, :].repeat_interleave(G, dim=0)  # predicts completion token 0
     return torch.cat([last_prompt_N1H, completion_hidden_NCH[:, :-1, :]], dim=1)

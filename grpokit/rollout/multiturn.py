@@ -1,16 +1,22 @@
 """Multi-turn rollouts: the policy acts in an environment, turn after turn, all P x G trajectories together.
 
-One decode loop serves every trajectory. Each forward feeds one token per sequence: the
-token the policy just sampled (its own, in the loss), the next token of an environment's
-reply (in the context, out of the loss), or, for a sequence that has ended, a padding token
-the attention mask hides. A sequence's position advances only on the tokens it keeps, so
-after the run its tokens are packed to the left (padding dropped) and the log-prob passes
-score exactly the ids that were sampled, at the positions they were sampled at.
+One decode loop serves every trajectory. Each forward feeds every sequence what it kept
+since the last one: the token the policy just sampled (its own, in the loss), followed, when
+that token ended a turn, by the environment's whole reply (in the context, out of the loss);
+a sequence that has ended feeds padding the attention mask hides. A forward is one token wide
+until some reply arrives, then as wide as the longest reply. A sequence's position advances
+only on the tokens it keeps, so after the run its tokens are packed to the left (padding
+dropped) and the log-prob passes score exactly the ids that were sampled, at the positions
+they were sampled at.
 
 A turn ends at an end-of-turn token. The environment then steps on that turn's text; every
 sequence that ended a turn at the same token steps concurrently, each with a timeout. Its
 observation is rendered with the chat template as the next message (the tokens between the
-policy's end-of-turn and the next assistant header), cut to ``max_tool_output_tokens``. A
+policy's end-of-turn and the next assistant header), cut to ``max_tool_output_tokens``. An
+observation's images (a vision-language policy's) go through the processor with it: their
+image tokens are fed in the same forward as their pixels, so the model's own vision path
+(Qwen3-VL's deepstack included) places them, at the (time, height, width) positions Qwen's
+rotary embedding gives an image block. ``reset``'s observation joins the prompt itself. A
 trajectory ends when the environment says done, after ``max_turns`` policy turns, at the
 length limit (``max_new_tokens`` completion tokens, the environment's included), or when its
 environment raises or hangs (the reason is kept with the trajectory; ``max_failures`` of
@@ -28,9 +34,11 @@ from dataclasses import dataclass, field
 import torch
 
 from grpokit.data.chat import render_chat
-from grpokit.envs.contract import as_message, as_step_result
+from grpokit.data.images import block_image
+from grpokit.envs.contract import as_message, as_step_result, image_blocks, opened_row
 from grpokit.errors import EnvFailure
-from grpokit.models.multimodal import chat_template_of, positions_after, tokenizer_of
+from grpokit.models.multimodal import (TOKEN_TYPE_SUFFIX, chat_template_of, collate, join_pieces, next_positions,
+                                       positions_after, process_text, reads_images, span_positions, tokenizer_of)
 from grpokit.models.padding import pad_right
 from grpokit.models.parts import backbone_and_head
 from grpokit.rollout.contract import Rollouts
@@ -67,7 +75,9 @@ class _Sequence:
     own: list[bool] = field(default_factory=list)  # True where the policy generated the token
     logprobs: list[float] = field(default_factory=list)
     turn_start: int = 0  # where the current policy turn began in ``tokens``
-    pending: list[int] = field(default_factory=list)  # environment tokens still to feed
+    feed: list[int] = field(default_factory=list)  # kept since the last forward: what the next one feeds
+    feed_images: dict = field(default_factory=dict)  # the image inputs of an observation in ``feed``
+    images: list[dict] = field(default_factory=list)  # every observation's image inputs, in order
     finished: bool = False
 
     def keep(self, token: int, own: bool, logprob: float) -> int:
@@ -130,19 +140,35 @@ class MultiTurnSampler(TorchSampler):
                              "only slow")
         return None
 
-    def _observation_ids(self, message: dict) -> list[int]:
+    def _observation(self, message: dict) -> tuple[list[int], dict]:
         """The tokens that follow the policy's end-of-turn token: the observation as the next message, then
-        the assistant header, as the chat template renders them; the content cut to the tool-output limit."""
-        tokenizer = tokenizer_of(self.policy.processor)
-        template = chat_template_of(self.policy.processor)
+        the assistant header, as the chat template renders them, its text cut to the tool-output limit;
+        and its images' inputs as the processor gives them (empty without images)."""
+        processor = self.policy.processor
+        tokenizer = tokenizer_of(processor)
+        where = f"environment {self.environment.name!r}"
+        images = [block_image(block, where) for block in image_blocks(message["content"])]
+        if images and not reads_images(processor):
+            raise EnvFailure(f"{where}: an observation holds {len(images)} image(s), but the policy reads text only; "
+                             "train a vision-language model (model.name), or return text observations")
+        budget = [self.max_tool_output_tokens]
+
+        def cut(text: str) -> str:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            kept, budget[0] = ids[:budget[0]], max(0, budget[0] - len(ids))
+            return text if len(kept) == len(ids) else tokenizer.decode(kept) + " …"
+
         content = message["content"]
-        if isinstance(content, str):
-            ids = tokenizer(content, add_special_tokens=False)["input_ids"]
-            if len(ids) > self.max_tool_output_tokens:
-                content = tokenizer.decode(ids[:self.max_tool_output_tokens]) + " …"
+        content = cut(content) if isinstance(content, str) else [
+            {"type": "image"} if part.get("type") == "image" else {**part, "text": cut(part.get("text", ""))}
+            for part in content]
         after = render_chat(tokenizer, _DUMMY + [{**message, "content": content}], "<environment>",
-                            generation_prompt=True, template=template)
-        return tokenizer(after[self._turn_end:], add_special_tokens=False)["input_ids"]
+                            generation_prompt=True, template=chat_template_of(processor))[self._turn_end:]
+        if not images:
+            return tokenizer(after, add_special_tokens=False)["input_ids"], {}
+        ids, inputs = process_text(processor, after, images)
+        # token types are derived from the ids where a span needs them (models.multimodal.span_positions)
+        return ids, {key: value for key, value in inputs.items() if not key.endswith(TOKEN_TYPE_SUFFIX)}
 
     @functools.cached_property
     def _turn_end(self) -> int:
@@ -161,8 +187,9 @@ class MultiTurnSampler(TorchSampler):
         device, pad_id = policy.device, policy.tokenizer.pad_token_id
         rows = [row for row in batch.rows for _ in range(G)]
         seqs = [_Sequence(self.environment.make(), Trajectory()) for _ in rows]
-        self._call_all([(seq, lambda seq=seq, row=row: seq.environment.reset(row)) for seq, row in zip(seqs, rows)],
-                       "reset()")
+        openings = self._call_all([(seq, lambda seq=seq, row=row: seq.environment.reset(row))
+                                   for seq, row in zip(seqs, rows)], "reset()")
+        batch = self._opened(batch, seqs, openings, G)
         ids_BP, mask_BP = batch.input_ids_BP.to(device), batch.attention_mask_BP.to(device)
         model = policy.sampling_model
         backbone, head = backbone_and_head(model)
@@ -174,42 +201,83 @@ class MultiTurnSampler(TorchSampler):
                 cache.batch_repeat_interleave(G)
             logits_NV = head(hidden_BPH[:, -1, :]).repeat_interleave(G, dim=0)
             mask_NL = mask_BP.repeat_interleave(G, dim=0)
-            pos_XN1 = positions_after(pos_XBP, G, 1)
-            # every unfinished sequence keeps one token per pass, so max_new_tokens passes end them all
+            pos_XN = positions_after(pos_XBP, G, 1)[..., 0]  # the position each sequence's next token takes
+            # every unfinished sequence keeps at least one token per pass, so max_new_tokens passes end them all
             for _ in range(self.max_new_tokens):
                 if greedy:
                     sampled_N = logits_NV.argmax(dim=-1)
                 else:
                     sampled_N = sample_next(logits_NV, self.temperature, self.top_k, self.top_p, self.generator)
                 logp_N = chosen_logprobs(logits_NV, sampled_N)
-                fed, ended = [], []
+                ended = []
                 for i, seq in enumerate(seqs):
+                    seq.feed, seq.feed_images = [], {}
                     if seq.finished:
-                        fed.append(None)
                         continue
-                    if seq.pending:  # the environment's reply, fed one token at a time
-                        fed.append(seq.keep(seq.pending.pop(0), own=False, logprob=0.0))
-                        if not seq.pending:
-                            seq.turn_start = len(seq.tokens)
-                    else:
-                        fed.append(seq.keep(int(sampled_N[i]), own=True, logprob=float(logp_N[i])))
-                        if fed[-1] in policy.eos_ids:
-                            ended.append(seq)
-                            continue
-                    if len(seq.tokens) >= self.max_new_tokens:
+                    seq.feed.append(seq.keep(int(sampled_N[i]), own=True, logprob=float(logp_N[i])))
+                    if seq.feed[-1] in policy.eos_ids:
+                        ended.append(seq)
+                    elif len(seq.tokens) >= self.max_new_tokens:
                         seq.finished, seq.trajectory.end = True, "length"
                 self._end_turns(ended)
                 if all(seq.finished for seq in seqs):
                     break
-                real_N1 = torch.tensor([[token is not None] for token in fed], device=device)
-                tokens_N1 = torch.tensor([[pad_id if token is None else token] for token in fed], device=device)
-                mask_NL = torch.cat([mask_NL, real_N1.long()], dim=1)
-                hidden_N1H, cache = run_backbone(backbone, cache, input_ids=tokens_N1, attention_mask=mask_NL,
-                                                 position_ids=pos_XN1)
-                logits_NV = head(hidden_N1H[:, -1, :])
-                pos_XN1 = pos_XN1 + real_N1.long()  # a hidden padding token takes no position
+                logits_NV, cache, mask_NL, pos_XN = self._feed(backbone, head, cache, seqs, mask_NL, pos_XN, pad_id)
         model.train(was_training)
         return self._rollouts(ids_BP, mask_BP, G, seqs, batch)
+
+    def _feed(self, backbone, head, cache, seqs: list[_Sequence], mask_NL, pos_XN, pad_id):
+        """One forward over what every sequence kept since the last: ``[N, W]`` tokens, right-padded (a
+        finished sequence feeds only padding), its observation images with them. The next logits are
+        each sequence's last fed token's; positions continue from each sequence's own."""
+        device = mask_NL.device
+        feeds = [[] if seq.finished else seq.feed for seq in seqs]
+        ids_NW, real_NW = pad_right([feed or [pad_id] for feed in feeds], pad_id)
+        real_NW = real_NW * torch.tensor([[bool(feed)] for feed in feeds])
+        ids_NW, real_NW = ids_NW.to(device), real_NW.long().to(device)
+        inputs = {}
+        if any(seq.feed_images for seq in seqs):
+            inputs = {k: v.to(device) for k, v in collate([seq.feed_images for seq in seqs], ids_NW.size(1),
+                                                          left=False).items()}
+        if ids_NW.size(1) == 1:  # a token each (the common pass): each at its sequence's next position
+            positions = pos_XN[..., None]
+        else:
+            positions = span_positions(backbone, ids_NW, real_NW, inputs, pos_XN)
+        mask_NL = torch.cat([mask_NL, real_NW], dim=1)
+        hidden_NWH, cache = run_backbone(backbone, cache, input_ids=ids_NW, attention_mask=mask_NL,
+                                         position_ids=positions, **inputs)
+        last_N = (real_NW.sum(dim=1) - 1).clamp(min=0)
+        logits_NV = head(hidden_NWH[torch.arange(len(seqs), device=device), last_N])
+        fed_N = real_NW.bool().any(dim=1)
+        pos_XN = torch.where(fed_N, next_positions(positions, real_NW), pos_XN)  # padding takes no position
+        return logits_NV, cache, mask_NL, pos_XN
+
+    def _opened(self, batch: PromptBatch, seqs: list[_Sequence], openings: list, G: int) -> PromptBatch:
+        """The batch with ``reset``'s observations in its prompts (the rows re-encoded), or as it was when
+        ``reset`` adds nothing. A row's G trajectories must open alike: its group shares one prompt."""
+        where = f"environment {self.environment.name!r}"
+        messages = []
+        for seq, opening in zip(seqs, openings):
+            try:
+                messages.append(None if seq.finished else as_message(opening, "user", where))
+            except EnvFailure as exc:
+                messages.append(self._failed(seq, f"error: reset() {exc}"))
+        if all(message is None for message in messages):
+            return batch
+        if batch.encoder is None:
+            raise EnvFailure(f"{where}: reset() returned an observation, but these prompts came without their "
+                             "encoder to add it with; build the batch with a PromptEncoder")
+        rows = []
+        for b, row in enumerate(batch.rows):
+            alive = [(seq, message) for seq, message in zip(seqs[b * G:(b + 1) * G], messages[b * G:(b + 1) * G])
+                     if not seq.finished]
+            first = alive[0][1] if alive else None
+            if any(message != first for _, message in alive):
+                raise EnvFailure(f"{where}: reset() gave the {G} trajectories of one row different observations; "
+                                 "GRPO compares G attempts at the same start, so make reset depend on the row only "
+                                 "(seed any randomness from it)")
+            rows.append(row if first is None else opened_row(row, first, f"{where} reset()"))
+        return batch.encoder(rows)
 
     def _end_turns(self, ended: list[_Sequence]) -> None:
         """Step the environments of the sequences whose policy turn just ended, concurrently."""
@@ -242,12 +310,17 @@ class MultiTurnSampler(TorchSampler):
             elif message is None:
                 seq.finished, seq.trajectory.end = True, "done"  # nothing to answer to: the episode is over
             else:
-                pending = self._observation_ids(message)
-                if len(seq.tokens) + len(pending) >= self.max_new_tokens:  # no room to read it, nor to answer
+                ids, images = self._observation(message)
+                if len(seq.tokens) + len(ids) >= self.max_new_tokens:  # no room to read it, nor to answer
                     seq.finished, seq.trajectory.end = True, "length"
-                else:
-                    seq.trajectory.messages.append(message)
-                    seq.pending = pending
+                    continue
+                seq.trajectory.messages.append(message)
+                for token in ids:
+                    seq.feed.append(seq.keep(token, own=False, logprob=0.0))
+                seq.turn_start = len(seq.tokens)
+                if images:
+                    seq.feed_images = images
+                    seq.images.append(images)
 
     def _rollouts(self, ids_BP, mask_BP, G, seqs, batch) -> Rollouts:
         """Each sequence's kept tokens packed to the left: the ids exactly as sampled, in the loss only
@@ -273,5 +346,7 @@ class MultiTurnSampler(TorchSampler):
             loss_mask_NC=loss_NC,
             sampling_logprobs_NC=logp_NC.float() * loss_NC,
             prompt_inputs_N=None if batch.multimodal is None else [x for x in batch.multimodal for _ in range(G)],
+            completion_inputs_N=([join_pieces([(inputs, 0) for inputs in seq.images]) for seq in seqs]
+                                 if any(seq.images for seq in seqs) else None),
             trajectories_N=[seq.trajectory.as_row() for seq in seqs],
         )

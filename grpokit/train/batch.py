@@ -119,13 +119,14 @@ def mix_replay(run: Run, step, n_replay, rows, rollouts, advantages_N, rewards_N
     fresh = groups_from_batch(rollouts.prompt_ids_NP, rollouts.prompt_mask_NP, rollouts.completion_ids_NC,
                               rollouts.completion_mask_NC, rollouts.truncated_N, rewards_N, advantages_N, rows, G, step,
                               loss_mask_NC=rollouts.loss_mask_NC, sampling_logprobs_NC=rollouts.sampling_logprobs_NC,
-                              prompt_inputs_N=rollouts.prompt_inputs_N)
+                              prompt_inputs_N=rollouts.prompt_inputs_N, completion_inputs_N=rollouts.completion_inputs_N)
     run.replay.add(fresh)
     if not replayed:
         return rows, rollouts, advantages_N
     old = [Rollouts(g.prompt_ids_GP, g.prompt_mask_GP, g.completion_ids_GC, g.completion_mask_GC, g.truncated_G,
                     g.loss_mask_GC, g.sampling_logprobs_GC,
-                    None if g.prompt_inputs is None else [g.prompt_inputs] * G) for g in replayed]
+                    None if g.prompt_inputs is None else [g.prompt_inputs] * G,
+                    completion_inputs_N=g.completion_inputs_G) for g in replayed]
     pad_id = run.policy.tokenizer.pad_token_id
     rollouts = concat_rollouts([rollouts, *old], pad_id)
     advantages_N = torch.cat([advantages_N, *[g.advantages_G for g in replayed]])

@@ -40,10 +40,11 @@ def split_micro_batches(rollouts: Rollouts, grad_accum: int, mask_truncated: boo
     for rows_n in torch.arange(mask_NC.size(0)).chunk(grad_accum):
         # drop columns that are padding in every row of this micro-batch
         width = max(int(rollouts.completion_mask_NC[rows_n].sum(dim=1).max()), 1)
-        images = rollouts.prompt_inputs_N
+        images, observed = rollouts.prompt_inputs_N, rollouts.completion_inputs_N
         inputs = (rollouts.prompt_ids_NP[rows_n], rollouts.prompt_mask_NP[rows_n],
                   rollouts.completion_ids_NC[rows_n, :width], rollouts.completion_mask_NC[rows_n, :width],
-                  None if images is None else [images[i] for i in rows_n.tolist()])
+                  None if images is None else [images[i] for i in rows_n.tolist()],
+                  None if observed is None else [observed[i] for i in rows_n.tolist()])
         whole_groups = rows_n[0] % G == 0 and rows_n.numel() % G == 0
         batches.append(MicroBatch(rows_n, inputs, mask_NC[rows_n, :width], G if whole_groups else 1))
     return batches
