@@ -200,3 +200,34 @@ def test_an_opening_with_a_screen_keeps_the_prompts_own_images_first():
     assert [b["type"] for b in blocks] == ["text", "image", "text", "image", "text"]
     assert blocks[-1]["text"] == "Now." and "image" not in blocks[3]  # pixels travel in images, not in blocks
     assert row == {"prompt": "Compare <image> with the screen.", "images": [b"first"]}  # the row is not changed
+
+
+def test_a_gui_agent_replays_recorded_screenshots(tmp_path):
+    """The replay environment with ``images: true``: an episodes file whose steps are screenshots (paths
+    relative to the file); the policy sees the first screen in its prompt and each next screen after acting."""
+    from grpokit.data.loaders import read_rows
+    from grpokit.envs.builtin import Replay
+
+    (tmp_path / "shots").mkdir()
+    for i, name in enumerate(["home", "menu", "done"]):
+        screenshot(i).save(tmp_path / "shots" / f"{name}.png")
+    steps = [{"index": i, "observation": {"image_path": f"shots/{name}.png"}, "action": {"type": "tap", "text": action}}
+             for i, (name, action) in enumerate([("home", "tap menu"), ("menu", "tap done"), ("done", "stop")])]
+    episode = {"episode_id": "e0", "instruction": "Finish the task.", "steps": steps, "success": True}
+    (tmp_path / "episodes.jsonl").write_text(json.dumps(episode) + "\n")
+    (row,) = read_rows(tmp_path / "episodes.jsonl", prompt_field="instruction")
+    assert row["steps"][1]["observation"]["image_path"] == str(tmp_path / "shots" / "menu.png")
+
+    model, processor = tiny_vlm("qwen2_vl")
+    cfg = ModelConfig(path="unused", dtype="float32", lora=None, device="cpu")
+    policy = eager(wrap_policy(model, processor, cfg, beta=0.0, device=torch.device("cpu")))
+    environment = EnvironmentSpec(lambda: Replay(images=True), [], "replay")
+    out = build_sampler(policy, max_new_tokens=120, environment=environment, max_turns=3).generate(
+        PromptEncoder(processor, True, None, 4096)([row]), G)
+    assert image_token_count(policy, out.prompt_ids_NP[0]) > 0  # the home screen opens the episode
+    assert all(len(e["steps"]) >= 1 for e in out.trajectories_N)
+    shown = [m for e in out.trajectories_N for m in e["messages"] if m["role"] == "user"]
+    assert shown and all(block["type"] in ("image", "text") for m in shown for block in m["content"])
+    assert out.completion_inputs_N is not None and any("pixel_values" in inputs for inputs in out.completion_inputs_N)
+    text_only = Replay()
+    assert text_only.reset(row) == "[image]"  # without images: true, a screenshot-only step reads as text

@@ -28,7 +28,7 @@ from typing import Any, Iterable, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from grpokit.data.images import image_refs
+from grpokit.data.images import check_images, image_refs
 from grpokit.errors import DataError
 from grpokit.io import atomic_write
 from grpokit.log import json_ready
@@ -155,6 +155,23 @@ def step_images(episode: Episode, step: Step) -> list[str]:
         return []
     return image_refs({"image": step.observation.image_path}, f"{episode.where}: steps.{step.index}",
                       episode.base_dir)
+
+
+def absolute_step_images(steps: Any, base_dir: Path, where: str) -> Any:
+    """An episode row's ``steps`` (training rows for the replay environment) with each screenshot path made
+    absolute against the episodes file's folder and checked, as a row's own images are; a copy."""
+    if not isinstance(steps, list):
+        return steps
+    out = []
+    for index, step in enumerate(steps):
+        observation = step.get("observation") if isinstance(step, dict) else None
+        path = observation.get("image_path") if isinstance(observation, dict) else None
+        if isinstance(path, str) and path:
+            (path,) = image_refs({"image": path}, f"{where}: steps.{index}", base_dir)
+            check_images([path], f"{where}: steps.{index}")
+            step = {**step, "observation": {**observation, "image_path": path}}
+        out.append(step)
+    return out
 
 
 def images_column(rows: list[dict]) -> list[dict]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from grpokit.config import DATA_FILE_SUFFIXES, source_name
 from grpokit.data.chat import check_messages
+from grpokit.data.episodes import absolute_step_images
 from grpokit.data.images import check_images, count_placeholders, image_refs, with_image_blocks
 from grpokit.data.sources import FORMATS, read_saved, read_table
 from grpokit.data.tasks import TASKS, make_task
@@ -145,6 +146,8 @@ def _normalise(rows: list[dict], source: str, prompt_field: str, answer_field: s
             item["answer"] = row[answer_field]
         if images:
             item["images"] = images
+        if "steps" in item and "episode_id" in item:  # an episode (the replay environment's row): its screenshots
+            item["steps"] = absolute_step_images(item["steps"], Path(base_dir), where)
         out.append(item)
     if not out:
         raise DataError(f"{source}: the dataset is empty")

@@ -72,15 +72,25 @@ class Replay:
     spacing ignored; ``match: type`` compares only the action's type, the text before any ``(`` or
     space), and the next recorded observation follows either way. ``info["success"]`` on the last step
     says whether every action matched. Replay only episodes that succeeded (``only_successful``) to
-    teach what worked."""
+    teach what worked. ``images: true`` shows a vision-language policy each step's screenshot
+    (``observation.image_path``) with the step's text; otherwise a screenshot-only step reads ``[image]``."""
 
-    def __init__(self, match: str = "exact", only_successful: bool = True):
+    def __init__(self, match: str = "exact", only_successful: bool = True, images: bool = False):
         if match not in ("exact", "type"):
             raise ValueError(f"match must be 'exact' or 'type', not {match!r}")
-        self.match, self.only_successful = match, only_successful
+        self.match, self.only_successful, self.images = match, only_successful, images
 
-    def reset(self, row: dict) -> str:
-        from grpokit.data.episodes import Episode, render_observation
+    def _observation(self, index: int):
+        from grpokit.data.episodes import render_observation
+
+        observation = self.steps[index].observation
+        if not (self.images and observation.image_path):
+            return render_observation(observation)
+        return {"role": "user", "content": [{"type": "image", "image": observation.image_path},
+                                            {"type": "text", "text": observation.text or f"Step {index}."}]}
+
+    def reset(self, row: dict):
+        from grpokit.data.episodes import Episode
 
         fields = {key: row[key] for key in Episode.model_fields if key in row}
         fields.setdefault("instruction", row.get("prompt") if isinstance(row.get("prompt"), str) else "")
@@ -89,8 +99,7 @@ class Replay:
             raise ValueError(f"episode {episode.episode_id!r} did not succeed; replay successful episodes only "
                              "(or set environment_args.only_successful: false)")
         self.steps, self.index, self.matched = episode.steps, 0, []
-        self._render = render_observation
-        return self._render(self.steps[0].observation) if self.steps else None
+        return self._observation(0) if self.steps else None
 
     def _normalise(self, text: str) -> str:
         text = " ".join(text.lower().split())
@@ -107,5 +116,5 @@ class Replay:
         self.index += 1
         done = self.index == len(self.steps)
         info = {"expected": expected, "matched": matched, **({"success": all(self.matched)} if done else {})}
-        observation = None if done else self._render(self.steps[self.index].observation)
+        observation = None if done else self._observation(self.index)
         return StepResult(observation, reward=float(matched), done=done, info=info)
