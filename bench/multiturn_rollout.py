@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from grpokit.rollout import PromptEncoder, build_sampler, turn_options
 
     recipe = recipe_from_dict({"model": {"adapter": args.adapter, "dtype": "bfloat16"}, "data": {"source": "builtin:multi_sum", "eval_size": 8},
+                               "rewards": [{"name": "answer_match"}],
                                "rollout": {"environment": "calculator", "max_turns": 3,
                                            "max_completion_length": args.max_new_tokens}})
     rows, _ = load_splits(recipe.data)

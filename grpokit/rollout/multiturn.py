@@ -1,13 +1,15 @@
 """Multi-turn rollouts: the policy acts in an environment, turn after turn, all P x G trajectories together.
 
-One decode loop serves every trajectory. Each forward feeds every sequence what it kept
-since the last one: the token the policy just sampled (its own, in the loss), followed, when
-that token ended a turn, by the environment's whole reply (in the context, out of the loss);
-a sequence that has ended feeds padding the attention mask hides. A forward is one token wide
-until some reply arrives, then as wide as the longest reply. A sequence's position advances
-only on the tokens it keeps, so after the run its tokens are packed to the left (padding
-dropped) and the log-prob passes score exactly the ids that were sampled, at the positions
-they were sampled at.
+One decode loop serves every trajectory. Each forward feeds one token per sequence: the
+token the policy just sampled (its own, in the loss), the next token of an environment's
+text reply (in the context, out of the loss), or, for a sequence that has ended, a padding
+token the attention mask hides. A reply's tokens ride along in passes the other sequences
+make anyway, so a text reply costs no forward of its own. A reply with images is fed whole,
+right after the turn it answers, in a forward as wide as it (the others feed their one token):
+its image tokens must meet their pixels in one forward. A sequence's position advances only on
+the tokens it keeps, so after the run its tokens are packed to the left (padding dropped) and
+the log-prob passes score exactly the ids that were sampled, at the positions they were
+sampled at.
 
 A turn ends at an end-of-turn token. The environment then steps on that turn's text; every
 sequence that ended a turn at the same token steps concurrently, each with a timeout. Its
@@ -75,8 +77,9 @@ class _Sequence:
     own: list[bool] = field(default_factory=list)  # True where the policy generated the token
     logprobs: list[float] = field(default_factory=list)
     turn_start: int = 0  # where the current policy turn began in ``tokens``
+    pending: list[int] = field(default_factory=list)  # a text reply's tokens still to feed, one per pass
     feed: list[int] = field(default_factory=list)  # kept since the last forward: what the next one feeds
-    feed_images: dict = field(default_factory=dict)  # the image inputs of an observation in ``feed``
+    feed_images: dict = field(default_factory=dict)  # the image inputs of a reply in ``feed``
     images: list[dict] = field(default_factory=list)  # every observation's image inputs, in order
     finished: bool = False
 
@@ -214,10 +217,16 @@ class MultiTurnSampler(TorchSampler):
                     seq.feed, seq.feed_images = [], {}
                     if seq.finished:
                         continue
-                    seq.feed.append(seq.keep(int(sampled_N[i]), own=True, logprob=float(logp_N[i])))
-                    if seq.feed[-1] in policy.eos_ids:
-                        ended.append(seq)
-                    elif len(seq.tokens) >= self.max_new_tokens:
+                    if seq.pending:  # the environment's text reply, a token per pass
+                        seq.feed.append(seq.keep(seq.pending.pop(0), own=False, logprob=0.0))
+                        if not seq.pending:
+                            seq.turn_start = len(seq.tokens)
+                    else:
+                        seq.feed.append(seq.keep(int(sampled_N[i]), own=True, logprob=float(logp_N[i])))
+                        if seq.feed[-1] in policy.eos_ids:
+                            ended.append(seq)
+                            continue
+                    if len(seq.tokens) >= self.max_new_tokens:
                         seq.finished, seq.trajectory.end = True, "length"
                 self._end_turns(ended)
                 if all(seq.finished for seq in seqs):
@@ -315,12 +324,14 @@ class MultiTurnSampler(TorchSampler):
                     seq.finished, seq.trajectory.end = True, "length"
                     continue
                 seq.trajectory.messages.append(message)
-                for token in ids:
+                if not images:
+                    seq.pending = ids
+                    continue
+                for token in ids:  # fed whole in the next forward, with the pixels
                     seq.feed.append(seq.keep(token, own=False, logprob=0.0))
                 seq.turn_start = len(seq.tokens)
-                if images:
-                    seq.feed_images = images
-                    seq.images.append(images)
+                seq.feed_images = images
+                seq.images.append(images)
 
     def _rollouts(self, ids_BP, mask_BP, G, seqs, batch) -> Rollouts:
         """Each sequence's kept tokens packed to the left: the ids exactly as sampled, in the loss only
