@@ -191,6 +191,21 @@ def cmd_rewards_check(args) -> int:
     return 1 if scores.errors else 0
 
 
+def cmd_launch_slurm(args) -> int:
+    """Write an sbatch script that trains a recipe on several GPU nodes; print where it is and how to submit it."""
+    from grpokit.launch import SlurmOptions, default_script_path, render_slurm_script, write_script
+
+    options = SlurmOptions(nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
+                           time=args.time, account=args.account, cpus_per_task=args.cpus_per_task, port=args.port,
+                           overrides=args.set, resume=args.resume)
+    text = render_slurm_script(args.recipe, options)
+    path = write_script(text, args.out or default_script_path(args.recipe), overwrite=args.overwrite)
+    print(f"wrote {path}: {args.nodes} node(s) x {args.gpus_per_node} GPU(s) = "
+          f"{args.nodes * args.gpus_per_node} training process(es). Read it, then submit it with:")
+    print(shlex.join(["sbatch", str(path)]), flush=True)  # plain: one line to copy
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grpokit", description="GRPO fine-tuning from a YAML recipe.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for grpokit's own errors")
@@ -250,6 +265,25 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--step", type=int, default=0, help="training step (selects the curriculum stage)")
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe field")
     check.set_defaults(func=cmd_rewards_check)
+    launch = sub.add_parser("launch", help="write a job script that trains a recipe on a cluster")
+    launch_sub = launch.add_subparsers(dest="launch_command", required=True)
+    slurm = launch_sub.add_parser("slurm", help="write an sbatch script: N nodes x G GPUs, one torchrun per node")
+    slurm.add_argument("recipe", help="path to a YAML recipe; validated now, with the --set overrides")
+    slurm.add_argument("--nodes", type=int, required=True, help="machines in the job")
+    slurm.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per machine, one process each")
+    slurm.add_argument("--partition", help="Slurm partition (default: the cluster's)")
+    slurm.add_argument("--time", metavar="HH:MM:SS", help="wall-clock limit, HH:MM:SS or D-HH:MM:SS "
+                       "(default: the partition's)")
+    slurm.add_argument("--account", help="account charged for the job (default: yours)")
+    slurm.add_argument("--cpus-per-task", type=int, metavar="C", help="CPU cores per node (default: the cluster's)")
+    slurm.add_argument("--port", type=int, default=29500, help="rendezvous port on the first node (default 29500)")
+    slurm.add_argument("--out", metavar="FILE", help="script path (default: <recipe name>.sbatch here)")
+    slurm.add_argument("--overwrite", action="store_true", help="replace an existing script file")
+    slurm.add_argument("--resume", action="store_true",
+                       help="the job runs `grpokit train --resume`: resubmitting the script continues the run")
+    slurm.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe field in the job's `grpokit train` (repeatable)")
+    slurm.set_defaults(func=cmd_launch_slurm)
     return parser
 
 

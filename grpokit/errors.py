@@ -35,3 +35,8 @@ class TrainingError(GrpokitError):
 class EnvFailure(GrpokitError):
     """An environment or a tool failed (raised, hung, returned something unusable): that trajectory ends with
     the reason logged; ``rollout.max_consecutive_env_failures`` in a row stop the run."""
+
+
+class LaunchError(GrpokitError):
+    """A launcher request (``grpokit launch``) cannot make a job that would run: nodes, GPUs, limits, the
+    script's file."""

@@ -12,7 +12,7 @@ higher one, and the stage packages sharing a layer are independent of each other
     rollout    PromptBatch encoder, the Sampler contract and its backends, log-probs
     rewards | algo   reward functions and their orchestration | the pure GRPO math
     eval       evaluation runner, grpokit eval, grpokit generate, metrics
-    train | report   the loops (GRPO, SFT, reward model) | reports from run directories
+    train | report | launch   the loops (GRPO, SFT, reward model) | reports from run directories | job scripts
     cli        the command line
 
 Imports inside functions count too: a lazy import is still a dependency. Each arrow that
@@ -39,11 +39,11 @@ LAYERS: list[list[str]] = [
     ["grpokit.rollout"],
     ["grpokit.rewards", "grpokit.algo"],
     ["grpokit.eval"],
-    ["grpokit.train", "grpokit.report"],
+    ["grpokit.train", "grpokit.report", "grpokit.launch"],
     ["grpokit.cli", "grpokit.__main__"],
 ]
 TOP_LEVEL_FILES = {"__init__.py", "__main__.py", "errors.py", "io.py", "jsonio.py", "imports.py", "config.py",
-                   "log.py", "cli.py"}
+                   "log.py", "cli.py", "launch.py"}
 
 
 def module_name(path: Path) -> str:
