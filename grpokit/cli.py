@@ -41,7 +41,14 @@ def cmd_train(args) -> int:
     from grpokit.train import dry_run, train
 
     recipe = load_recipe(args.recipe, args.set)
+    if args.nproc and not args.dry_run:  # a dry run samples once: one process is enough
+        return launch_processes(args)
     console = Console()
+    main_process = launched_rank() == 0
+    if not main_process:  # rank 0 speaks for the run; the others say only what goes wrong
+        import logging
+
+        logging.getLogger().setLevel(logging.WARNING)
     if args.dry_run:
         plan = dry_run(recipe)
         console.print(f"[bold]plan[/bold] for {args.recipe}")
@@ -53,6 +60,9 @@ def cmd_train(args) -> int:
         for sample in plan["samples"][:4]:
             console.print(f"  sample: {sample['completion']!r}  reward {sample['reward']:.2f}")
         console.print("[green]dry run OK[/green]: nothing was written")
+        return 0
+    if not main_process:
+        train(recipe, overwrite=args.overwrite, resume=args.resume)
         return 0
     if recipe.logging.progress and sys.stderr.isatty():
         import logging
@@ -78,6 +88,30 @@ def cmd_train(args) -> int:
         return 0
     _print_before_after(console, run_dir)
     return 0
+
+
+def launched_rank() -> int:
+    """This process's rank under a launcher (torchrun, accelerate launch); 0 without one."""
+    import os
+
+    return int(os.environ.get("RANK", "0"))
+
+
+def launch_processes(args) -> int:
+    """``grpokit train --nproc N``: the same command under torchrun with N processes on this machine (torch's
+    own launcher: it starts, watches and stops them; a failed process ends the others)."""
+    import os
+    import subprocess
+
+    if args.nproc < 1:
+        print("grpokit: error: --nproc must be at least 1", file=sys.stderr)
+        return 2
+    passed = [word for value in args.set for word in ("--set", value)]
+    passed += [flag for flag, on in (("--overwrite", args.overwrite), ("--resume", args.resume)) if on]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "grpokit", "train", args.recipe, *passed]
+    print(f"launching: {shlex.join(command)}", flush=True)
+    return subprocess.call(command, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
 
 
 def resume_command(args) -> str:
@@ -215,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe field, e.g. --set training.max_steps=10 (repeatable)")
     train.add_argument("--dry-run", action="store_true", help="validate, load, sample once, print the plan; write nothing")
+    train.add_argument("--nproc", type=int, default=0, metavar="N",
+                       help="train with N processes on this machine (delegates to torchrun; see docs/scaling.md)")
     mode = train.add_mutually_exclusive_group()
     mode.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     mode.add_argument("--resume", action="store_true",
@@ -311,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GrpokitError as err:
         if args.debug:
             raise
-        print(f"grpokit: error: {err}", file=sys.stderr)
+        if not getattr(err, "reported_elsewhere", False):  # another rank's error is printed by rank 0
+            print(f"grpokit: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("grpokit: interrupted", file=sys.stderr)

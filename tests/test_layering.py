@@ -3,7 +3,7 @@
 Layers, lowest first; a module may import its own package and any lower layer, never a
 higher one, and the stage packages sharing a layer are independent of each other:
 
-    shared     grpokit (the version), errors, io, jsonio, imports
+    shared     grpokit (the version), errors, io, jsonio, imports, distributed (the processes of a run)
     config     the recipe schema
     log        metrics sinks
     data       rows, chat messages, episodes, pairs
@@ -30,7 +30,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "grpokit"
 
 LAYERS: list[list[str]] = [
-    ["grpokit", "grpokit.errors", "grpokit.io", "grpokit.jsonio", "grpokit.imports"],
+    ["grpokit", "grpokit.errors", "grpokit.io", "grpokit.jsonio", "grpokit.imports", "grpokit.distributed"],
     ["grpokit.config"],
     ["grpokit.log"],
     ["grpokit.data"],
@@ -40,10 +40,11 @@ LAYERS: list[list[str]] = [
     ["grpokit.rewards", "grpokit.algo"],
     ["grpokit.eval"],
     ["grpokit.train", "grpokit.report", "grpokit.launch"],
-    ["grpokit.cli", "grpokit.__main__"],
+    ["grpokit.cli"],
+    ["grpokit.__main__"],
 ]
 TOP_LEVEL_FILES = {"__init__.py", "__main__.py", "errors.py", "io.py", "jsonio.py", "imports.py", "config.py",
-                   "log.py", "cli.py", "launch.py"}
+                   "log.py", "cli.py", "launch.py", "distributed.py"}
 
 
 def module_name(path: Path) -> str:

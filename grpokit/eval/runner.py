@@ -17,11 +17,13 @@ from typing import Any
 import torch
 
 from grpokit.data.images import message_text
+from grpokit.distributed import World
 from grpokit.eval.metrics import bootstrap_interval, distinct_n, pass_at_k, self_bleu
 from grpokit.eval.thumbnails import image_key
 from grpokit.envs import build_environment
 from grpokit.rewards import RewardSet, columns_of, completions_of, episode_columns, trainer_state
 from grpokit.rollout import PromptEncoder, build_sampler, turn_options
+from grpokit.rollout.sampler import prompt_seed
 
 
 @dataclass
@@ -45,6 +47,7 @@ class EvalSettings:
     backend: str = "torch"
     environment: Any = None  # multi-turn: the recipe's EnvironmentSpec
     turns: dict = field(default_factory=dict)  # multi-turn limits (rollout.turn_options)
+    seed_per_prompt: bool = False  # each row samples from its own seeded stream (rollout.seed_per_prompt)
 
     def encoder(self, policy) -> PromptEncoder:
         return PromptEncoder(policy.processor, self.chat_template, self.system_prompt, self.max_prompt_length,
@@ -62,6 +65,7 @@ class EvalSettings:
             temperature=ev.temperature or rollout.temperature, top_p=rollout.top_p, top_k=rollout.top_k,
             seed=recipe.training.seed, max_steps=recipe.training.max_steps, backend=rollout.backend,
             environment=environment or build_environment(rollout), turns=turn_options(rollout),
+            seed_per_prompt=rollout.seed_per_prompt,
         )
 
 
@@ -75,22 +79,34 @@ class Generated:
     episodes: list[dict] | None  # multi-turn: each completion's trajectory
 
 
-def _generate(policy, rows: list[dict], settings: EvalSettings, k: int, greedy: bool) -> Generated:
-    """The sampler has its own generator seeded from ``settings.seed``: evaluating never moves training's."""
+def _generate(policy, rows: list[dict], settings: EvalSettings, k: int, greedy: bool,
+              world: World | None = None) -> Generated:
+    """The sampler has its own generator seeded from ``settings.seed``: evaluating never moves training's.
+    Several processes generate a share of the rows each and every rank gets them all, in row order;
+    each row then samples from its own stream (seeded from its index), as it would alone."""
+    world = world or World()
     sampler = build_sampler(policy, settings.backend, max_new_tokens=settings.max_completion_length,
                             temperature=settings.temperature, top_p=settings.top_p, top_k=settings.top_k,
                             seed=settings.seed, environment=settings.environment, **settings.turns)
     encoder = settings.encoder(policy)
     prompts_per_batch = max(1, settings.batch_size // k)
     out = Generated([], [], [], [] if settings.environment is not None else None)
-    for start in range(0, len(rows), prompts_per_batch):
-        rollouts = sampler.generate(encoder(rows[start:start + prompts_per_batch]), num_generations=k, greedy=greedy)
+    share = world.share(len(rows))
+    for start in range(share.start, share.stop, prompts_per_batch):
+        batch = encoder(rows[start:min(start + prompts_per_batch, share.stop)])
+        if settings.seed_per_prompt:
+            batch.seeds = [prompt_seed(settings.seed, index) for index in range(start, start + len(batch))]
+        rollouts = sampler.generate(batch, num_generations=k, greedy=greedy)
         out.texts += policy.tokenizer.batch_decode(rollouts.completion_ids_NC, skip_special_tokens=True)
         out.lengths += rollouts.completion_lengths_N.tolist()
         out.ids_lists += rollouts.completion_id_lists()
         if out.episodes is not None:
             out.episodes += rollouts.trajectories_N
-    return out
+    if not world.distributed:
+        return out
+    pieces = world.gather(out, "the evaluation's generations")
+    return Generated(*([x for piece in pieces for x in getattr(piece, name)] for name in ("texts", "lengths", "ids_lists")),
+                     None if out.episodes is None else [e for piece in pieces for e in piece.episodes])
 
 
 def _score(rows: list[dict], generated: Generated, rewards: RewardSet, settings: EvalSettings, step: int, k: int):
@@ -146,11 +162,14 @@ def source_accuracy(rows: list[dict], correct: list[bool], seed: int) -> dict[st
             for name, values in groups.items()}
 
 
-def evaluate(policy, rows: list[dict], rewards: RewardSet, settings: EvalSettings, step: int = 0) -> dict[str, Any]:
+def evaluate(policy, rows: list[dict], rewards: RewardSet, settings: EvalSettings, step: int = 0,
+             world: World | None = None) -> dict[str, Any]:
     """Greedy accuracy (with interval and per-row correctness), rewards, lengths, verbatim samples;
     with ``settings.num_generations`` >= 1 also a ``sampling`` block (pass@k, diversity).
-    ``step`` is the training step evaluated (rewards see it as ``trainer_state.global_step``)."""
-    greedy = _generate(policy, rows, settings, 1, greedy=True)
+    ``step`` is the training step evaluated (rewards see it as ``trainer_state.global_step``).
+    With a ``world`` of several processes each generates its share of the rows; every rank scores
+    them all and gets the same result."""
+    greedy = _generate(policy, rows, settings, 1, greedy=True, world=world)
     texts, lengths = greedy.texts, greedy.lengths
     total_N, correct, means = _score(rows, greedy, rewards, settings, step, 1)
     result: dict[str, Any] = {
@@ -171,7 +190,7 @@ def evaluate(policy, rows: list[dict], rewards: RewardSet, settings: EvalSetting
         result["by_source"] = by_source
     if settings.num_generations >= 1 and rows:
         k = settings.num_generations
-        sampled = _generate(policy, rows, settings, k, greedy=False)
+        sampled = _generate(policy, rows, settings, k, greedy=False, world=world)
         s_texts, s_lengths = sampled.texts, sampled.lengths
         s_total_N, s_correct, s_means = _score(rows, sampled, rewards, settings, step, k)
         result["sampling"] = sampled_metrics(rows, s_texts, s_lengths, s_correct, s_total_N, s_means, settings)

@@ -34,6 +34,9 @@ class PromptBatch:
     truncated: int = 0  # prompts cut to the length limit
     # what encoded these prompts: a multi-turn environment whose reset adds to a prompt re-encodes its row
     encoder: "PromptEncoder | None" = None
+    # one seed per prompt: its samples come from their own streams (rollout.seed_per_prompt); None: the
+    # sampler's generator serves the batch
+    seeds: list[int] | None = None
 
     def __len__(self) -> int:
         return self.input_ids_BP.size(0)

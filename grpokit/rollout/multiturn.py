@@ -46,7 +46,7 @@ from grpokit.models.parts import backbone_and_head
 from grpokit.rollout.contract import Rollouts
 from grpokit.rollout.encoding import PromptBatch
 from grpokit.rollout.logprobs import prefill, run_backbone
-from grpokit.rollout.sampler import TorchSampler, chosen_logprobs, sample_next
+from grpokit.rollout.sampler import TorchSampler, chosen_logprobs, sample_next, streams_for
 
 log = logging.getLogger(__name__)
 _DUMMY = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
@@ -205,12 +205,13 @@ class MultiTurnSampler(TorchSampler):
             logits_NV = head(hidden_BPH[:, -1, :]).repeat_interleave(G, dim=0)
             mask_NL = mask_BP.repeat_interleave(G, dim=0)
             pos_XN = positions_after(pos_XBP, G, 1)[..., 0]  # the position each sequence's next token takes
+            streams = streams_for(batch, G, self.generator, device)
             # every unfinished sequence keeps at least one token per pass, so max_new_tokens passes end them all
             for _ in range(self.max_new_tokens):
                 if greedy:
                     sampled_N = logits_NV.argmax(dim=-1)
                 else:
-                    sampled_N = sample_next(logits_NV, self.temperature, self.top_k, self.top_p, self.generator)
+                    sampled_N = sample_next(logits_NV, self.temperature, self.top_k, self.top_p, streams)
                 logp_N = chosen_logprobs(logits_NV, sampled_N)
                 ended = []
                 for i, seq in enumerate(seqs):
@@ -286,7 +287,9 @@ class MultiTurnSampler(TorchSampler):
                                  "GRPO compares G attempts at the same start, so make reset depend on the row only "
                                  "(seed any randomness from it)")
             rows.append(row if first is None else opened_row(row, first, f"{where} reset()"))
-        return batch.encoder(rows)
+        opened = batch.encoder(rows)
+        opened.seeds = batch.seeds
+        return opened
 
     def _end_turns(self, ended: list[_Sequence]) -> None:
         """Step the environments of the sequences whose policy turn just ended, concurrently."""

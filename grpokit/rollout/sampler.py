@@ -17,9 +17,42 @@ from grpokit.models.multimodal import positions_after
 from grpokit.rollout.logprobs import prefill, run_backbone
 
 
+MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio): seeds of neighbouring prompts land far apart
+
+
+def prompt_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (the run's seed, the step, the round, the prompt's place), the same
+    in every process."""
+    seed = 0
+    for part in parts:
+        seed = ((seed ^ (part & (2 ** 64 - 1))) * MIX + 1) % 2 ** 64
+    return seed >> 1
+
+
+class RowStreams:
+    """One random stream per sequence, seeded from its prompt's seed and its index in the group: what a
+    sequence samples then depends on its prompt alone (and the model), not on which prompts share its
+    batch or its process (``rollout.seed_per_prompt``)."""
+
+    def __init__(self, seeds_B: list[int], group_size: int, device):
+        self.generators = [torch.Generator(device).manual_seed(prompt_seed(seed, j))
+                           for seed in seeds_B for j in range(group_size)]
+        self.device = device
+
+    def uniform(self) -> torch.Tensor:
+        """``[N, 1]`` uniforms in [0, 1), one from each sequence's stream."""
+        return torch.cat([torch.rand(1, 1, generator=g, device=self.device) for g in self.generators])
+
+
+def streams_for(batch: PromptBatch, group_size: int, generator: torch.Generator, device):
+    """The per-sequence streams when the batch's prompts carry seeds, else the sampler's own generator."""
+    return generator if batch.seeds is None else RowStreams(batch.seeds, group_size, device)
+
+
 def sample_next(logits_NV: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """Draw one token per row from ``[N, V]`` logits."""
+                generator: torch.Generator | RowStreams | None) -> torch.Tensor:
+    """Draw one token per row from ``[N, V]`` logits, with one uniform per row from ``generator`` (a
+    generator for the whole batch, or each row's own stream)."""
     logits_NV = logits_NV.float() / temperature
     if top_k and top_k < logits_NV.size(-1):
         kth_N1 = torch.topk(logits_NV, top_k, dim=-1).values[:, -1:]  # [N, 1]
@@ -35,7 +68,10 @@ def sample_next(logits_NV: torch.Tensor, temperature: float, top_k: int, top_p: 
     # probabilities. torch.multinomial draws an exponential variate per vocabulary entry
     # (1.5 M per step for 32 rows x 49k), which took a quarter of the decode time here.
     cdf_NV = logits_NV.softmax(dim=-1).cumsum(dim=-1)
-    u_N1 = torch.rand(cdf_NV.size(0), 1, generator=generator, device=cdf_NV.device) * cdf_NV[:, -1:]
+    if isinstance(generator, RowStreams):
+        u_N1 = generator.uniform().to(cdf_NV.device) * cdf_NV[:, -1:]
+    else:
+        u_N1 = torch.rand(cdf_NV.size(0), 1, generator=generator, device=cdf_NV.device) * cdf_NV[:, -1:]
     # right=True: the first index whose cdf exceeds u, so zero-probability tokens are never drawn
     return torch.searchsorted(cdf_NV, u_N1, right=True).squeeze(1).clamp(max=cdf_NV.size(-1) - 1)  # [N]
 
@@ -92,11 +128,12 @@ class TorchSampler:
             eos_E = torch.tensor(policy.eos_ids, device=device)
             finished_N = torch.zeros(N, dtype=torch.bool, device=device)
             tokens, logprobs = [], []
+            streams = streams_for(batch, G, self.generator, device)
             for _ in range(self.max_new_tokens):
                 if greedy:
                     next_N = logits_NV.argmax(dim=-1)
                 else:
-                    next_N = sample_next(logits_NV, self.temperature, self.top_k, self.top_p, self.generator)
+                    next_N = sample_next(logits_NV, self.temperature, self.top_k, self.top_p, streams)
                 next_N = torch.where(finished_N, torch.full_like(next_N, pad_id), next_N)
                 tokens.append(next_N)
                 logprobs.append(chosen_logprobs(logits_NV, next_N))

@@ -13,6 +13,7 @@ This module is the only place that knows the order of the stages.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -33,6 +34,7 @@ from grpokit.models import save_checkpoint
 from grpokit.models.checkpoint import STATE_FILE, load_trained_weights, publish_checkpoint
 from grpokit.rollout import Rollouts
 from grpokit.train.batch import Batch, collect_batch, sample_round
+from grpokit.distributed import SilentLogger, World
 from grpokit.train.run import Run, setup
 from grpokit.train.rundir import RunLock, check_run_dir, check_writable, find_resume_checkpoint, now_iso, prepare_run_dir
 from grpokit.train.schedule import build_optimizer
@@ -67,13 +69,16 @@ def reward_metrics(rounds: list) -> dict[str, float]:
 
 
 def run_eval(run: Run, step: int, run_dir: Path, logger: RunLogger) -> dict[str, Any]:
-    """Evaluate on the fixed held-out rows; write eval/step-N.json and an eval line."""
-    result = evaluate(run.policy, run.eval_rows, run.rewards, EvalSettings.from_recipe(run.recipe, run.environment), step)
+    """Evaluate on the fixed held-out rows (every rank its share); write eval/step-N.json and an eval line."""
+    run.world.mark("evaluating")
+    result = evaluate(run.policy, run.eval_rows, run.rewards, EvalSettings.from_recipe(run.recipe, run.environment),
+                      step, world=run.world)
     result["step"] = step
-    log.info("eval at step %d: accuracy %.1f%% (%d held-out rows), mean reward %.3f",
-             step, 100 * result["accuracy"], result["num_examples"], result["reward"])
-    write_json(run_dir / "eval" / f"step-{step}.json", result)
-    write_thumbnails(run.eval_rows[:run.recipe.eval.num_samples], run_dir / "eval" / "images")
+    if run.world.is_main:
+        log.info("eval at step %d: accuracy %.1f%% (%d held-out rows), mean reward %.3f",
+                 step, 100 * result["accuracy"], result["num_examples"], result["reward"])
+        write_json(run_dir / "eval" / f"step-{step}.json", result)
+        write_thumbnails(run.eval_rows[:run.recipe.eval.num_samples], run_dir / "eval" / "images")
     logger.metrics({"step": step, "kind": "eval", **metrics_line(result)})
     return result
 
@@ -84,8 +89,8 @@ def write_samples(run: Run, step: int, batch: Batch, logger: RunLogger) -> None:
     picks = list(range(0, len(rnd.texts), max(1, len(rnd.texts) // k)))[:k]
     extra = {column: values for column, values in rnd.logged_extra.items() if len(values) == len(rnd.texts)}
     logger.samples(step, [{"prompt": rnd.rows[i // G]["prompt"], "completion": rnd.texts[i],
-                           "answer": rnd.rows[i // G].get("answer"), "reward": rnd.rewards_N[i].item(),
-                           "rewards": {name: values[i] for name, values in rnd.parts.items()},
+                           "answer": rnd.rows[i // G].get("answer"), "reward": rnd.own_rewards_N[i].item(),
+                           "rewards": {name: values[rnd.first + i] for name, values in rnd.parts.items()},
                            **({"extra": {c: v[i] for c, v in extra.items()}} if extra else {})} for i in picks])
 
 
@@ -102,11 +107,11 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
     """
     t_start = time.perf_counter()
     output_dir = recipe.training.output_dir
-    with RunLock(output_dir):
-        resume_from = find_resume_checkpoint(output_dir, recipe) if resume else None
-        if resume_from is None:
-            check_run_dir(output_dir, overwrite)
-        run = setup(recipe)
+    world = World.from_environment(recipe.training.distributed_timeout_s)
+    # rank 0 alone holds the run directory: it takes the lock and decides; the other ranks only read
+    with RunLock(output_dir) if world.is_main else contextlib.nullcontext():
+        resume_from = world.on_main("choosing the checkpoint to resume", lambda: choose_start(recipe, resume, overwrite))
+        run = setup(recipe, world)
         try:
             with GracefulStop() as stop:
                 return run_to_end(run, resume_from, overwrite, stop, progress, t_start)
@@ -114,20 +119,32 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
             run.rewards.close()
 
 
+def choose_start(recipe: Recipe, resume: bool, overwrite: bool) -> Path | None:
+    """The checkpoint to continue from, or None for a new run (after checking the directory may be used)."""
+    output_dir = recipe.training.output_dir
+    resume_from = find_resume_checkpoint(output_dir, recipe) if resume else None
+    if resume_from is None:
+        check_run_dir(output_dir, overwrite)
+    return resume_from
+
+
 def open_run(run: Run, optimizer, scheduler, resume_from: Path | None, overwrite: bool) -> tuple[Path, int, dict]:
     """The run directory, the step to go on from and run.json: a checkpoint loaded, or a fresh directory."""
-    recipe = run.recipe
-    if resume_from is not None:
+    recipe, world = run.recipe, run.world
+    if resume_from is not None:  # every rank loads the checkpoint: weights, optimiser, its own random streams
         run_dir = resume_from.parent.parent
         start, run_info = resume_run(run, optimizer, scheduler, resume_from)
     else:
-        run_dir = prepare_run_dir(recipe.training.output_dir, overwrite)
+        run_dir = world.on_main("preparing the run directory",
+                                lambda: prepare_run_dir(recipe.training.output_dir, overwrite))
         run_info = {"status": "running", "started": now_iso(), "steps": 0, "model": recipe.model.path,
                     "grpokit_version": __version__}
+        if world.distributed:
+            run_info["processes"] = world.size
         start = 0
-    # the resolved recipe; on resume with what a resume may change (more steps, the run's new place)
-    write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
-    write_json(run_dir / "run.json", run_info)
+    if world.is_main:  # the resolved recipe; on resume with what a resume may change (more steps, the run's new place)
+        write_text(run_dir / "recipe.yaml", dump_recipe(recipe))
+        write_json(run_dir / "run.json", run_info)
     return run_dir, start, run_info
 
 
@@ -139,46 +156,61 @@ def run_to_end(run: Run, resume_from: Path | None, overwrite: bool, stop: Gracef
     run_dir, start, run_info = open_run(run, optimizer, scheduler, resume_from, overwrite)
     prior_wall, logger = run_info.get("wall_s", 0.0), None
 
+    world = run.world
+
     def checkpoint(step: int) -> None:
         save_run_checkpoint(run, optimizer, scheduler, run_dir, step, prior_wall + time.perf_counter() - t_start)
         run_info.update(steps=step)
-        write_json(run_dir / "run.json", run_info)
+        if world.is_main:
+            write_json(run_dir / "run.json", run_info)
+
+    def stopping() -> str | None:
+        """The signal that asks the run to stop, agreed by every rank (a signal may reach only one)."""
+        if world.agree(stop.requested is not None, "the stop check"):
+            return stop.requested or "a signal to another process"
+        return None
 
     try:
-        logger = RunLogger(run_dir, recipe.logging, recipe.model_dump(mode="json"))
+        logger = RunLogger(run_dir, recipe.logging, recipe.model_dump(mode="json")) if world.is_main else SilentLogger()
         # a run stopped at step 0 may have evaluated already: its checkpoint holds the state after that
-        if start == 0 and not stop.requested and not (run_dir / "eval" / "step-0.json").is_file():
+        evaluated = world.on_main("reading the run directory", lambda: (run_dir / "eval" / "step-0.json").is_file())
+        if start == 0 and not stopping() and not evaluated:
             run_eval(run, 0, run_dir, logger)
         step = start
-        while step < training.max_steps and not stop.requested:
+        while step < training.max_steps and not stopping():
             step += 1
+            world.step = step
             run_step(run, optimizer, scheduler, step, logger, progress)
             if step < training.max_steps:  # the last step's eval and checkpoint are the final ones, below
                 if training.eval_every and step % training.eval_every == 0:
                     run_eval(run, step, run_dir, logger)
-                if training.save_every and step % training.save_every == 0 and not stop.requested:
+                if training.save_every and step % training.save_every == 0 and not stopping():
                     checkpoint(step)
-        if stop.requested and step < training.max_steps:
+        signal = stopping()
+        if signal and step < training.max_steps:
             checkpoint(step)
             logger.close()
-            run_info.update(status="stopped", stopped=now_iso(), stop_signal=stop.requested)
-            write_json(run_dir / "run.json", run_info)
-            log.warning("stopped by %s after step %d with a checkpoint; continue with the same command (the same "
-                        "recipe and --set overrides) plus --resume", stop.requested, step)
+            run_info.update(status="stopped", stopped=now_iso(), stop_signal=signal)
+            if world.is_main:
+                write_json(run_dir / "run.json", run_info)
+                log.warning("stopped by %s after step %d with a checkpoint; continue with the same command (the "
+                            "same recipe and --set overrides) plus --resume", signal, step)
             return run_dir
         final = training.max_steps
         if final > start or final == 0:
             run_eval(run, final, run_dir, logger)
         checkpoint(final)
     except BaseException as exc:
-        record_failure(run_dir, run_info, logger, exc)
+        if world.is_main:
+            record_failure(run_dir, run_info, logger, exc)
         raise
-    if stop.requested:
+    if stop.requested and world.is_main:
         log.warning("%s arrived during the last step, evaluation or checkpoint: they completed, the run is finished",
                     stop.requested)
     logger.close()
     run_info.update(status="finished", finished=now_iso(), steps=final, wall_s=prior_wall + time.perf_counter() - t_start)
-    write_json(run_dir / "run.json", run_info)
+    if world.is_main:
+        write_json(run_dir / "run.json", run_info)
     return run_dir
 
 
@@ -195,12 +227,29 @@ def run_step(run: Run, optimizer, scheduler, step: int, logger: RunLogger, progr
                                         SKIP_REMEDY)
     step_time = time.perf_counter() - t0
     rewards = reward_metrics(batch.fresh)
-    logger.metrics({"step": step, "kind": "train", **rewards, **batch.metrics, **metrics,
-                    **rollout_metrics(batch.rollouts, recipe, step_time), "generate_time_s": t_generate})
+    rollout = mean_over_ranks(run, rollout_metrics(batch.rollouts, recipe, step_time), batch.rollouts.truncated_N.numel())
+    if not run.world.is_main:
+        return
+    logger.metrics({"step": step, "kind": "train", **rewards, **batch.metrics, **metrics, **rollout,
+                    "generate_time_s": t_generate})
     if progress:
         progress(step, {"reward": rewards["reward"], "kl": metrics["kl"], "step_time_s": step_time})
     if recipe.logging.samples_every and step % recipe.logging.samples_every == 0:
         write_samples(run, step, batch, logger)
+
+
+def mean_over_ranks(run: Run, metrics: dict[str, float], sequences: int) -> dict[str, float]:
+    """Per-rank rollout figures as the whole batch's: means weighted by each rank's sequences, except
+    throughput, which adds up (and the step's time, the slowest rank's)."""
+    if not run.world.distributed:
+        return metrics
+    pieces = run.world.gather((metrics, sequences), "gathering the rollout metrics")
+    total = sum(n for _, n in pieces) or 1
+    keys = set().union(*(m for m, _ in pieces))
+    out = {key: sum(m.get(key, 0.0) * n for m, n in pieces) / total for key in keys}
+    out["tokens_per_s"] = sum(m["tokens_per_s"] for m, _ in pieces)
+    out["step_time_s"] = max(m["step_time_s"] for m, _ in pieces)
+    return out
 
 
 def record_failure(run_dir: Path, run_info: dict[str, Any], logger: RunLogger | None, exc: BaseException) -> None:
@@ -220,10 +269,13 @@ def record_failure(run_dir: Path, run_info: dict[str, Any], logger: RunLogger | 
 
 def save_run_checkpoint(run: Run, optimizer, scheduler, run_dir: Path, step: int, wall_s: float) -> Path:
     """Weights plus the whole training state, written atomically, then published as ``latest``."""
-    json_state, torch_state = capture(run, optimizer, scheduler, step)
+    json_state, torch_state = capture(run, optimizer, scheduler, step)  # every rank: each gives its random streams
     json_state["wall_s"] = wall_s
-    directory = save_checkpoint(run.policy, run_dir / "checkpoints" / f"step-{step}", json_state, torch_state)
-    publish_checkpoint(directory, run.recipe.training.keep_checkpoints)
+    directory = run_dir / "checkpoints" / f"step-{step}"
+    if run.world.is_main:
+        directory = save_checkpoint(run.policy, directory, json_state, torch_state)
+        publish_checkpoint(directory, run.recipe.training.keep_checkpoints)
+    run.world.barrier("writing the checkpoint")  # no rank runs ahead of a checkpoint it may have to resume from
     return directory
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,12 +19,13 @@ from grpokit.algo.replay import ReplayBuffer
 from grpokit.config import Recipe
 from grpokit.data import load_splits
 from grpokit.data.images import message_text
-from grpokit.errors import DataError
+from grpokit.errors import DataError, RecipeError
 from grpokit.log import check_trackers
 from grpokit.models import Policy, load_policy
 from grpokit.rewards import RewardOrchestrator, RewardSet, build_orchestrator
 from grpokit.envs import EnvironmentSpec, build_environment
 from grpokit.rollout import PromptEncoder, Sampler, build_sampler, turn_options
+from grpokit.distributed import World
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,15 @@ class Run:
     cursor: int = 0
     consecutive_skips: int = 0
     skipped_updates: int = 0
+    world: World = field(default_factory=World)  # this process among the run's (one, without a launcher)
 
 
-def setup(recipe: Recipe) -> Run:
-    """Seed, load data, model and rewards: everything before the first step."""
+def setup(recipe: Recipe, world: World | None = None) -> Run:
+    """Seed, load data, model and rewards: everything before the first step. Every rank of a
+    multi-process run sets up the same (same data order, same weights); ``world`` says which it is."""
+    world = world or World()
+    if world.distributed:
+        recipe = for_processes(recipe, world)
     training = recipe.training
     if training.num_threads:
         torch.set_num_threads(training.num_threads)
@@ -74,7 +80,22 @@ def setup(recipe: Recipe) -> Run:
     replay = ReplayBuffer(recipe.algorithm.replay.capacity) if recipe.algorithm.replay.capacity else None
     orchestrator = build_orchestrator(rewards, recipe.reward_shaping)
     return Run(recipe, policy, rewards, encoder, sampler, train_rows, eval_rows, rng, order, orchestrator,
-               environment, replay)
+               environment, replay, world=world)
+
+
+def for_processes(recipe: Recipe, world: World) -> Recipe:
+    """The recipe as ``world.size`` processes run it: prompts_per_step stays the global batch, split in
+    whole groups, and each prompt samples from its own seeded stream (so the samples do not depend on
+    the split)."""
+    P = recipe.training.prompts_per_step
+    if P < world.size:
+        raise RecipeError(f"training.prompts_per_step = {P} is the global batch, split in whole groups over "
+                          f"{world.size} processes: give every process at least one prompt (prompts_per_step >= "
+                          f"{world.size}) or launch fewer processes")
+    if not recipe.rollout.seed_per_prompt:
+        log.info("rollout.seed_per_prompt: on, as in every multi-process run (each prompt samples from its own "
+                 "seeded stream, whatever the split)")
+    return recipe.model_copy(update={"rollout": recipe.rollout.model_copy(update={"seed_per_prompt": True})})
 
 
 def check_prompt_lengths(encoder: PromptEncoder, rows: list[dict], recipe: Recipe) -> None:

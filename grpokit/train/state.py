@@ -69,6 +69,10 @@ def capture(run: Run, optimizer, scheduler, step: int) -> tuple[dict[str, Any], 
     stateful = stateful_rewards(run)
     if stateful:
         torch_state["rewards"] = {name: fn.state_dict() for name, fn in stateful.items()}
+    if run.world.distributed:  # every rank's own streams and learning rewards; rank 0's are the ones above
+        own = {"rng": torch_state["rng"], "rewards": torch_state.get("rewards", {})}
+        torch_state["ranks"] = run.world.gather(own, "gathering every rank's state for the checkpoint")
+        json_state["processes"] = run.world.size
     return json_state, torch_state
 
 
@@ -98,11 +102,35 @@ def restore(run: Run, optimizer, scheduler, directory: Path, json_state: dict[st
     run.skipped_updates = json_state.get("skipped_updates", 0)
     optimizer.load_state_dict(load_torch_state(directory, "optimizer"))
     restore_scheduler(scheduler, load_torch_state(directory, "scheduler"))  # after the optimiser: it sets the lr
-    set_rng_state(run, load_torch_state(directory, "rng"))
+    rng = load_torch_state(directory, "rng")
+    saved = load_torch_state(directory, "rewards") if (directory / "rewards.pt").is_file() else {}
+    rank_state = own_rank_state(run, directory, json_state)
+    if rank_state is not None:
+        rng, saved = rank_state["rng"], rank_state["rewards"]
+    set_rng_state(run, rng)
     if run.replay is not None and (directory / "replay.pt").is_file():
         run.replay.load_state_dict(load_torch_state(directory, "replay"))
-    saved = load_torch_state(directory, "rewards") if (directory / "rewards.pt").is_file() else {}
     for name, fn in stateful_rewards(run).items():
         if name in saved:
             fn.load_state_dict(saved[name])
     return json_state["step"]
+
+
+def own_rank_state(run: Run, directory: Path, json_state: dict[str, Any]) -> dict[str, Any] | None:
+    """This rank's random streams and learning rewards from a multi-process checkpoint (None: use the
+    shared ones, rank 0's). With another number of processes than wrote it, what continues exactly and
+    what does not is said once."""
+    import logging
+
+    written_by = json_state.get("processes", 1)
+    world = run.world
+    if written_by != world.size and world.is_main:
+        logging.getLogger(__name__).warning(
+            "%s was written by %d process(es) and this run has %d: the weights, optimiser, data position, reward "
+            "statistics and replay buffer continue exactly, and so do the samples (each prompt samples from its "
+            "own seeded stream once several processes run); each process's other random streams and learning "
+            "rewards (curiosity) start from rank 0's", directory, written_by, world.size)
+    if written_by == 1 or world.rank == 0 or not (directory / "ranks.pt").is_file():
+        return None
+    ranks = load_torch_state(directory, "ranks")
+    return ranks[world.rank] if world.rank < len(ranks) else None
