@@ -200,6 +200,11 @@ class RolloutConfig(Section):
     share_prompt_prefix: bool = True
     """In the reference and update passes, run each prompt once per group and reuse its KV
     cache for the group's G completions (same result, fewer tokens through the model)."""
+    seed_per_prompt: bool = False
+    """Draw each prompt's samples from their own random stream, seeded from training.seed, the
+    step and the prompt's place in it, so the samples do not depend on which prompts share a
+    batch or a process. Multi-process runs turn it on; turn it on here for a one-process run
+    that samples exactly as they do."""
     merge_lora: bool = True
     """With LoRA: sample from a copy of the model with the adapters merged into its weights
     (refreshed after every optimiser step): one matmul per layer instead of three, at the
@@ -350,6 +355,10 @@ class TrainingConfig(Section):
     """The run directory (relative paths are relative to the current directory)."""
     num_threads: int | None = Field(None, ge=1)
     """CPU threads for torch (default: torch's own choice)."""
+    distributed_timeout_s: float = Field(600.0, gt=0)
+    """Multi-process runs: how long a rank waits for the others at a collective (gathering rewards,
+    summing gradients). A rank that died or stalled longer stops the run with a message naming
+    it and its stage; the last checkpoint stays intact."""
 
 
 class EvalConfig(Section):

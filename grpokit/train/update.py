@@ -38,6 +38,8 @@ def split_micro_batches(rollouts: Rollouts, grad_accum: int, mask_truncated: boo
         mask_NC = mask_NC * (~rollouts.truncated_N).long()[:, None]
     batches = []
     for rows_n in torch.arange(mask_NC.size(0)).chunk(grad_accum):
+        if not rows_n.numel():  # a rank whose groups were all filtered out this step trains on nothing
+            continue
         # drop columns that are padding in every row of this micro-batch
         width = max(int(rollouts.completion_mask_NC[rows_n].sum(dim=1).max()), 1)
         images, observed = rollouts.prompt_inputs_N, rollouts.completion_inputs_N
@@ -78,10 +80,14 @@ def policy_update(run: Run, optimizer, scheduler, rollouts: Rollouts, advantages
     Each micro-batch's loss is its share of the full-batch loss (``BatchNorms``), so the
     summed gradient equals the full-batch gradient whatever ``grad_accum`` is.
     """
-    policy, algo, training = run.policy, run.recipe.algorithm, run.recipe.training
+    policy, algo, training, world = run.policy, run.recipe.algorithm, run.recipe.training, run.world
     group_size = run.recipe.rollout.num_generations if run.recipe.rollout.share_prompt_prefix else 1
+    world.mark("the policy update")
     micro_batches = split_micro_batches(rollouts, training.grad_accum, algo.mask_truncated_completions, group_size)
-    norms = BatchNorms(sequences=advantages_N.size(0), tokens=float(sum(mb.mask_nC.sum() for mb in micro_batches)),
+    # the batch-wide counts the loss is normalised by cover every rank's sequences and tokens
+    counts = world.sum_(torch.tensor([float(advantages_N.size(0)), float(sum(mb.mask_nC.sum() for mb in micro_batches))],
+                                     dtype=torch.float64), "counting the batch's tokens")
+    norms = BatchNorms(sequences=int(counts[0]), tokens=float(counts[1]),
                        max_completion_length=run.recipe.rollout.max_completion_length)
     fill_fixed_logprobs(policy, micro_batches, need_ref=algo.beta > 0, need_old=algo.num_iterations > 1)
     epsilon_low, epsilon_high = algo.clip_range
@@ -110,9 +116,11 @@ def policy_update(run: Run, optimizer, scheduler, rollouts: Rollouts, advantages
             for key in METRIC_KEYS:
                 totals[key] += share * metrics[key] / algo.num_iterations
         totals["lr"] += scheduler.get_last_lr()[0] / algo.num_iterations
+        world.sum_gradients(policy.trainable_parameters())  # each rank's loss is its share: the sum is the batch's
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), training.max_grad_norm)
         totals["grad_norm"] += grad_norm.item() / algo.num_iterations
-        if math.isfinite(totals["loss"]) and torch.isfinite(grad_norm):
+        finite = not world.agree(not math.isfinite(totals["loss"]), "checking the loss")  # all step, or none
+        if finite and torch.isfinite(grad_norm):
             optimizer.step()
             scheduler.step()
             check_finite_weights(policy.trainable_parameters())
@@ -120,4 +128,8 @@ def policy_update(run: Run, optimizer, scheduler, rollouts: Rollouts, advantages
             totals["skipped_update"] = 1.0
         optimizer.zero_grad(set_to_none=True)
     run.sampler.sync_weights(policy)  # the next rollout samples from the updated weights
+    if world.distributed:  # the share-weighted metrics summed over ranks are the batch's
+        summed = world.sum_(torch.tensor([totals[key] for key in METRIC_KEYS], dtype=torch.float64),
+                            "averaging the update's metrics")
+        totals.update(zip(METRIC_KEYS, summed.tolist()))
     return totals
