@@ -359,6 +359,11 @@ class TrainingConfig(Section):
     """Multi-process runs: how long a rank waits for the others at a collective (gathering rewards,
     summing gradients). A rank that died or stalled longer stops the run with a message naming
     it and its stage; the last checkpoint stays intact."""
+    fsdp: bool = False
+    """Full fine-tuning over several processes: shard every weight, its gradient and AdamW's moments across
+    them with FSDP2 (each transformer block one unit), so each GPU holds 1/N of them; sampling gathers the
+    whole model for its duration. Checkpoints stay full models. Needs model.lora: null; text models only;
+    one process ignores it. accelerate launch --use_fsdp turns it on too (docs/scaling.md)."""
 
 
 class EvalConfig(Section):
@@ -437,6 +442,13 @@ class Recipe(Section):
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"rewards {duplicated} appear twice; each component needs its own name")
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_is_full_fine_tuning(self) -> "Recipe":
+        if self.training.fsdp and self.model.lora is not None:
+            raise ValueError("training.fsdp shards full fine-tuning: set model.lora: null, or training.fsdp: false "
+                             "(with LoRA each process keeps the frozen base and only the small adapters are trained)")
         return self
 
     @property

@@ -21,6 +21,7 @@ from grpokit.distributed import World
 from grpokit.eval.metrics import bootstrap_interval, distinct_n, pass_at_k, self_bleu
 from grpokit.eval.thumbnails import image_key
 from grpokit.envs import build_environment
+from grpokit.models.sharding import full_weights
 from grpokit.rewards import RewardSet, columns_of, completions_of, episode_columns, trainer_state
 from grpokit.rollout import PromptEncoder, build_sampler, turn_options
 from grpokit.rollout.sampler import prompt_seed
@@ -92,16 +93,17 @@ def _generate(policy, rows: list[dict], settings: EvalSettings, k: int, greedy: 
     prompts_per_batch = max(1, settings.batch_size // k)
     out = Generated([], [], [], [] if settings.environment is not None else None)
     share = world.share(len(rows))
-    for start in range(share.start, share.stop, prompts_per_batch):
-        batch = encoder(rows[start:min(start + prompts_per_batch, share.stop)])
-        if settings.seed_per_prompt:
-            batch.seeds = [prompt_seed(settings.seed, index) for index in range(start, start + len(batch))]
-        rollouts = sampler.generate(batch, num_generations=k, greedy=greedy)
-        out.texts += policy.tokenizer.batch_decode(rollouts.completion_ids_NC, skip_special_tokens=True)
-        out.lengths += rollouts.completion_lengths_N.tolist()
-        out.ids_lists += rollouts.completion_id_lists()
-        if out.episodes is not None:
-            out.episodes += rollouts.trajectories_N
+    with full_weights(policy.sampling_model):  # FSDP: gathered once, whatever number of batches each rank has
+        for start in range(share.start, share.stop, prompts_per_batch):
+            batch = encoder(rows[start:min(start + prompts_per_batch, share.stop)])
+            if settings.seed_per_prompt:
+                batch.seeds = [prompt_seed(settings.seed, index) for index in range(start, start + len(batch))]
+            rollouts = sampler.generate(batch, num_generations=k, greedy=greedy)
+            out.texts += policy.tokenizer.batch_decode(rollouts.completion_ids_NC, skip_special_tokens=True)
+            out.lengths += rollouts.completion_lengths_N.tolist()
+            out.ids_lists += rollouts.completion_id_lists()
+            if out.episodes is not None:
+                out.episodes += rollouts.trajectories_N
     if not world.distributed:
         return out
     pieces = world.gather(out, "the evaluation's generations")

@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from grpokit.io import replace_file
+from grpokit.models.parts import unwrap_model
+from grpokit.models.sharding import load_model_state
 
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
@@ -98,13 +100,18 @@ def _disk_full(directory: Path, detail: str):
                          f"the partial copy was removed and {intact}")
 
 
-def save_checkpoint(policy, directory: str | Path, state: dict, torch_state: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(policy, directory: str | Path, state: dict, torch_state: dict[str, Any] | None = None,
+                    weights: dict[str, Any] | None = None) -> Path:
     """Write model/adapter, tokenizer, ``<name>.pt`` per ``torch_state`` entry and ``trainer_state.json``
-    (last: its presence marks a complete checkpoint) to ``directory`` atomically."""
+    (last: its presence marks a complete checkpoint) to ``directory`` atomically. ``weights``: a sharded
+    model's full weights, gathered by every rank beforehand (``sharding.full_model_state``)."""
     import torch
 
     def write(staging: Path) -> None:
-        policy.model.save_pretrained(staging, safe_serialization=True)
+        if weights is None:
+            policy.model.save_pretrained(staging, safe_serialization=True)
+        else:  # saved as the unsharded model saves its own
+            unwrap_model(policy.model).save_pretrained(staging, state_dict=weights, safe_serialization=True)
         policy.processor.save_pretrained(staging)  # a VLM: its processor, tokenizer included
         for name, value in (torch_state or {}).items():
             torch.save(value, staging / f"{name}.pt")
@@ -233,8 +240,9 @@ def load_trained_weights(policy, directory: Path) -> None:
         weights = {}
         for shard in files:
             weights.update(load_file(shard))
-        result = policy.model.load_state_dict(weights, strict=False)
-        tied = set(getattr(policy.model, "all_tied_weights_keys", None) or getattr(policy.model, "_tied_weights_keys", None) or [])
+        result = load_model_state(policy.model, weights)  # FSDP: each rank keeps its shard of them
+        model = unwrap_model(policy.model)
+        tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None) or [])
         unexpected = list(result.unexpected_keys) + [k for k in result.missing_keys if k not in tied]
     if unexpected:
         raise ModelError(f"{directory}: checkpoint weights do not fit the model ({unexpected[:3]} ...)")

@@ -20,6 +20,7 @@ import torch
 
 from grpokit.models.multimodal import collate, positions_after, prompt_positions, span_positions
 from grpokit.models.parts import backbone_and_head
+from grpokit.models.sharding import is_sharded
 
 
 def token_logprobs(logits_NCV: torch.Tensor, ids_NC: torch.Tensor, chunk_rows: int = 8,
@@ -74,6 +75,9 @@ def completion_logprobs(model, prompt_ids_NP, prompt_mask_NP, completion_ids_NC,
     ``completion_inputs_N`` holds the images of each multi-turn completion's observations: they go
     through the model with the completion tokens, at the positions the sampler gave them.
     """
+    if is_sharded(model):  # FSDP: run inside the root's forward, whose hooks gather and reduce the root's weights
+        return model(completion_logprobs, prompt_ids_NP, prompt_mask_NP, completion_ids_NC, completion_mask_NC,
+                     prompt_inputs_N, completion_inputs_N, with_entropy=with_entropy, group_size=group_size)
     C = completion_ids_NC.size(1)
     backbone, head = backbone_and_head(model)
     if group_size > 1 or prompt_inputs_N is not None or completion_inputs_N is not None:

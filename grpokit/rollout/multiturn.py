@@ -43,6 +43,7 @@ from grpokit.models.multimodal import (TOKEN_TYPE_SUFFIX, chat_template_of, coll
                                        positions_after, process_text, reads_images, span_positions, tokenizer_of)
 from grpokit.models.padding import pad_right
 from grpokit.models.parts import backbone_and_head
+from grpokit.models.sharding import full_weights
 from grpokit.rollout.contract import Rollouts
 from grpokit.rollout.encoding import PromptBatch
 from grpokit.rollout.logprobs import prefill, run_backbone
@@ -198,7 +199,7 @@ class MultiTurnSampler(TorchSampler):
         backbone, head = backbone_and_head(model)
         was_training = model.training
         model.eval()
-        with policy.autocast():
+        with policy.autocast(), full_weights(model):  # FSDP: the whole model, gathered once
             hidden_BPH, cache, pos_XBP = prefill(backbone, ids_BP, mask_BP, batch.multimodal)
             if G > 1:
                 cache.batch_repeat_interleave(G)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from grpokit.models.parts import backbone_and_head
+from grpokit.models.sharding import full_weights
 from grpokit.rollout.contract import Rollouts
 from grpokit.rollout.encoding import PromptBatch
 from grpokit.models.multimodal import positions_after
@@ -116,7 +117,7 @@ class TorchSampler:
         backbone, head = backbone_and_head(model)
         was_training = model.training
         model.eval()  # no dropout while sampling
-        with policy.autocast():
+        with policy.autocast(), full_weights(model):  # FSDP: the whole model, gathered once
             # the group shares its prompt (and its images): prefill once, then repeat the cache G times
             hidden_BPH, cache, pos_XBP = prefill(backbone, ids_BP, mask_BP, batch.multimodal)
             if G > 1:

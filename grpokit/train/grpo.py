@@ -32,6 +32,7 @@ from grpokit.io import write_json, write_text
 from grpokit.log import RunLogger
 from grpokit.models import save_checkpoint
 from grpokit.models.checkpoint import STATE_FILE, load_trained_weights, publish_checkpoint
+from grpokit.models.sharding import full_model_state
 from grpokit.rollout import Rollouts
 from grpokit.train.batch import Batch, collect_batch, sample_round
 from grpokit.distributed import SilentLogger, World
@@ -270,10 +271,11 @@ def record_failure(run_dir: Path, run_info: dict[str, Any], logger: RunLogger | 
 def save_run_checkpoint(run: Run, optimizer, scheduler, run_dir: Path, step: int, wall_s: float) -> Path:
     """Weights plus the whole training state, written atomically, then published as ``latest``."""
     json_state, torch_state = capture(run, optimizer, scheduler, step)  # every rank: each gives its random streams
+    weights = full_model_state(run.policy.model)  # FSDP: every rank gives its shards, rank 0 gets them whole
     json_state["wall_s"] = wall_s
     directory = run_dir / "checkpoints" / f"step-{step}"
     if run.world.is_main:
-        directory = save_checkpoint(run.policy, directory, json_state, torch_state)
+        directory = save_checkpoint(run.policy, directory, json_state, torch_state, weights)
         publish_checkpoint(directory, run.recipe.training.keep_checkpoints)
     run.world.barrier("writing the checkpoint")  # no rank runs ahead of a checkpoint it may have to resume from
     return directory

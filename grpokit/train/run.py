@@ -22,6 +22,8 @@ from grpokit.data.images import message_text
 from grpokit.errors import DataError, RecipeError
 from grpokit.log import check_trackers
 from grpokit.models import Policy, load_policy
+from grpokit.models.loading import pick_device
+from grpokit.models.sharding import launcher_asks_fsdp, loading_config, shard_policy
 from grpokit.rewards import RewardOrchestrator, RewardSet, build_orchestrator
 from grpokit.envs import EnvironmentSpec, build_environment
 from grpokit.rollout import PromptEncoder, Sampler, build_sampler, turn_options
@@ -67,7 +69,12 @@ def setup(recipe: Recipe, world: World | None = None) -> Run:
     check_trackers(recipe.logging)
     rollout = recipe.rollout
     environment = build_environment(rollout)  # before the model: a bad environment or tool fails in a second
-    policy = load_policy(recipe.model, recipe.algorithm.beta, recipe.rollout.merge_lora)
+    sharded = training.fsdp and world.distributed  # FSDP2: each rank keeps a shard (models/sharding.py)
+    device = pick_device(recipe.model.device)
+    policy = load_policy(loading_config(recipe.model, device) if sharded else recipe.model, recipe.algorithm.beta,
+                         recipe.rollout.merge_lora)
+    if sharded:
+        policy = shard_policy(policy, world.size, device)
     encoder = PromptEncoder(policy.processor, recipe.data.chat_template, recipe.data.system_prompt,
                             rollout.max_prompt_length, tools=environment.schemas if environment else None)
     check_prompt_lengths(encoder, train_rows + eval_rows, recipe)
@@ -95,7 +102,13 @@ def for_processes(recipe: Recipe, world: World) -> Recipe:
     if not recipe.rollout.seed_per_prompt:
         log.info("rollout.seed_per_prompt: on, as in every multi-process run (each prompt samples from its own "
                  "seeded stream, whatever the split)")
-    return recipe.model_copy(update={"rollout": recipe.rollout.model_copy(update={"seed_per_prompt": True})})
+    training = recipe.training
+    if launcher_asks_fsdp() and not training.fsdp:
+        log.info("training.fsdp: on, as accelerate launch was asked for FSDP (grpokit shards with FSDP2, one unit "
+                 "per transformer block; accelerate's other fsdp_* settings are not read)")
+        training = training.model_copy(update={"fsdp": True})
+    return recipe.model_copy(update={"rollout": recipe.rollout.model_copy(update={"seed_per_prompt": True}),
+                                     "training": training})
 
 
 def check_prompt_lengths(encoder: PromptEncoder, rows: list[dict], recipe: Recipe) -> None:

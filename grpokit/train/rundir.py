@@ -226,9 +226,10 @@ def now_iso() -> str:
 
 
 # what a resumed run may change: how long it goes on, what it logs and where it lies (a run directory
-# copied or moved elsewhere resumes at its new place), never what it learns from
+# copied or moved elsewhere resumes at its new place), whether its weights are sharded (checkpoints are full
+# models either way), never what it learns from
 RESUMABLE_CHANGES = ("training.max_steps", "training.eval_every", "training.save_every", "training.keep_checkpoints",
-                     "training.max_consecutive_skips", "training.num_threads", "training.output_dir",
+                     "training.max_consecutive_skips", "training.num_threads", "training.output_dir", "training.fsdp",
                      "eval.batch_size", "eval.num_samples", "logging.", "python_path")
 # what a resumed run writes into: none may be a link, which would take the writes outside the run directory
 WRITTEN_ON_RESUME = ("recipe.yaml", "run.json", "metrics.jsonl", "samples.jsonl", "eval", "checkpoints",

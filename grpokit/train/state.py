@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from grpokit.models.checkpoint import load_torch_state
+from grpokit.models.sharding import load_optimizer_state, optimizer_state
 from grpokit.train.run import Run
 from grpokit.train.schedule import restore_scheduler
 
@@ -63,7 +64,9 @@ def capture(run: Run, optimizer, scheduler, step: int) -> tuple[dict[str, Any], 
         "consecutive_skips": run.consecutive_skips,
         "skipped_updates": run.skipped_updates,
     }
-    torch_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state(run)}
+    # FSDP: the full state, as an unsharded run has it, gathered on rank 0
+    torch_state = {"optimizer": optimizer_state(run.policy.model, optimizer), "scheduler": scheduler.state_dict(),
+                   "rng": rng_state(run)}
     if run.replay is not None:
         torch_state["replay"] = run.replay.state_dict()
     stateful = stateful_rewards(run)
@@ -100,7 +103,7 @@ def restore(run: Run, optimizer, scheduler, directory: Path, json_state: dict[st
     run.orchestrator.load_state_dict(json_state["reward_orchestrator"])
     run.consecutive_skips = json_state.get("consecutive_skips", 0)
     run.skipped_updates = json_state.get("skipped_updates", 0)
-    optimizer.load_state_dict(load_torch_state(directory, "optimizer"))
+    load_optimizer_state(run.policy.model, optimizer, load_torch_state(directory, "optimizer"))  # FSDP: each its shard
     restore_scheduler(scheduler, load_torch_state(directory, "scheduler"))  # after the optimiser: it sets the lr
     rng = load_torch_state(directory, "rng")
     saved = load_torch_state(directory, "rewards") if (directory / "rewards.pt").is_file() else {}

@@ -15,6 +15,7 @@ import torch
 
 from grpokit.algo import BatchNorms, high_entropy_mask, policy_loss
 from grpokit.errors import TrainingError
+from grpokit.models.sharding import is_sharded
 from grpokit.rollout import Rollouts, completion_logprobs
 from grpokit.train.run import Run
 
@@ -52,6 +53,24 @@ def split_micro_batches(rollouts: Rollouts, grad_accum: int, mask_truncated: boo
     return batches
 
 
+def align_passes(micro_batches: list[MicroBatch], world, G: int, device, pad_id: int) -> list[MicroBatch]:
+    """FSDP: every rank runs the same passes the same way, since each forward and backward gathers and reduces
+    the shards with the other ranks (unequal counts would hang; unlike paths, the prompt once per group on
+    one rank and per row on another, would pair one block's gather with another's). A rank with fewer
+    micro-batches (groups dropped by dynamic sampling, an uneven split) runs idle ones: one pad token a row,
+    nothing in the loss (``rows_n`` empty)."""
+    ranks = world.gather((len(micro_batches), all(mb.group_size == G for mb in micro_batches)),
+                         "aligning the update's passes")
+    group_size = G if all(whole for _, whole in ranks) else 1
+    for mb in micro_batches:
+        mb.group_size = group_size
+    ids_n1 = torch.full((group_size, 1), pad_id, dtype=torch.long, device=device)
+    idle = MicroBatch(torch.empty(0, dtype=torch.long), (ids_n1, torch.ones_like(ids_n1), ids_n1,
+                                                         torch.ones_like(ids_n1), None, None),
+                      torch.zeros_like(ids_n1), group_size)
+    return micro_batches + [idle] * (max(count for count, _ in ranks) - len(micro_batches))
+
+
 @torch.no_grad()
 def fill_fixed_logprobs(policy, micro_batches: list[MicroBatch], need_ref: bool, need_old: bool) -> None:
     """Log-probs that stay fixed through the mu passes: reference, and the sampling-time policy."""
@@ -84,6 +103,8 @@ def policy_update(run: Run, optimizer, scheduler, rollouts: Rollouts, advantages
     group_size = run.recipe.rollout.num_generations if run.recipe.rollout.share_prompt_prefix else 1
     world.mark("the policy update")
     micro_batches = split_micro_batches(rollouts, training.grad_accum, algo.mask_truncated_completions, group_size)
+    if is_sharded(policy.model):
+        micro_batches = align_passes(micro_batches, world, group_size, policy.device, policy.tokenizer.pad_token_id)
     # the batch-wide counts the loss is normalised by cover every rank's sequences and tokens
     counts = world.sum_(torch.tensor([float(advantages_N.size(0)), float(sum(mb.mask_nC.sum() for mb in micro_batches))],
                                      dtype=torch.float64), "counting the batch's tokens")
@@ -99,6 +120,9 @@ def policy_update(run: Run, optimizer, scheduler, rollouts: Rollouts, advantages
             with policy.autocast():
                 logp_nC, entropy_nC = completion_logprobs(policy.model, *mb.inputs, with_entropy=True,
                                                           group_size=mb.group_size)
+            if not mb.rows_n.numel():  # an idle pass (align_passes): it joins the other ranks' collectives
+                logp_nC.sum().mul(0.0).backward()
+                continue
             policy_mask = None
             if algo.top_entropy_quantile < 1.0:
                 policy_mask = high_entropy_mask(entropy_nC, mb.mask_nC, algo.top_entropy_quantile)
@@ -116,7 +140,8 @@ def policy_update(run: Run, optimizer, scheduler, rollouts: Rollouts, advantages
             for key in METRIC_KEYS:
                 totals[key] += share * metrics[key] / algo.num_iterations
         totals["lr"] += scheduler.get_last_lr()[0] / algo.num_iterations
-        world.sum_gradients(policy.trainable_parameters())  # each rank's loss is its share: the sum is the batch's
+        if not is_sharded(policy.model):  # FSDP's reduce-scatter summed them already (models/sharding.py)
+            world.sum_gradients(policy.trainable_parameters())  # each rank's loss is its share: the sum is the batch's
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), training.max_grad_norm)
         totals["grad_norm"] += grad_norm.item() / algo.num_iterations
         finite = not world.agree(not math.isfinite(totals["loss"]), "checking the loss")  # all step, or none
