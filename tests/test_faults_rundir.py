@@ -175,7 +175,7 @@ def test_sigterm_during_the_final_eval_or_checkpoint_still_finishes_the_run(tiny
             sent.append(1)
             os.kill(os.getpid(), signal.SIGTERM)
 
-    def evaluate(policy, rows, rewards, settings, step):
+    def evaluate(policy, rows, rewards, settings, step, world=None):
         if where == "final_eval" and step == 2:
             signal_once()
         return original_eval(policy, rows, rewards, settings, step)

@@ -21,6 +21,7 @@ import torch
 from grpokit.algo import BatchNorms, high_entropy_mask, policy_loss, zero_spread_groups
 from grpokit.algo.loss import importance_log_weights
 from grpokit.algo.replay import ReplayBuffer, ReplayGroup
+from grpokit.distributed import World
 from grpokit.config import recipe_from_dict
 from grpokit.rewards import REWARDS, register
 from grpokit.rollout import Rollouts
@@ -246,7 +247,8 @@ def stored_group(name: str, advantages: list[float], completion: list[list[int]]
 def test_mix_replay_appends_stored_groups_with_their_advantages_before_storing_the_fresh_ones():
     G = 2
     run = SimpleNamespace(recipe=SimpleNamespace(rollout=SimpleNamespace(num_generations=G)), replay=ReplayBuffer(8),
-                          rng=random.Random(0), policy=SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0)))
+                          rng=random.Random(0), policy=SimpleNamespace(tokenizer=SimpleNamespace(pad_token_id=0)),
+                          world=World())
     run.replay.add([stored_group("old", [0.9, -0.9], [[31, 32, 33], [34, 35, 36]], step=1)])
     fresh = Rollouts(  # two fresh groups, prompts of width 1, completions of width 2
         prompt_ids_NP=torch.tensor([[21]] * 4), prompt_mask_NP=torch.ones(4, 1, dtype=torch.long),
