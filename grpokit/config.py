@@ -71,6 +71,34 @@ class ModelConfig(Section):
     max_pixels: int | None = Field(None, ge=1)
     """A VLM's image processor: the most pixels an image keeps (Qwen's max_pixels; Idefics3/SmolVLM: a longest
     edge of sqrt(max_pixels)); fewer pixels, fewer image tokens. null: the processor's own setting."""
+    load_in_4bit: bool = False
+    """QLoRA (arXiv:2305.14314): the base's linear layers stored in 4 bits by bitsandbytes (pip install
+    grpokit[qlora]), the adapters trained in fp32 on top. Needs model.lora; the KL reference stays the base
+    with adapters off, so nothing is copied; rollout.merge_lora is off (no merged copy of 4-bit weights)."""
+    load_in_8bit: bool = False
+    """The base's linear layers stored in 8 bits (bitsandbytes' LLM.int8()); as load_in_4bit, not with it."""
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = "nf4"
+    """With load_in_4bit: the 4-bit data type, QLoRA's NormalFloat4 (nf4) or plain fp4."""
+    bnb_4bit_use_double_quant: bool = True
+    """With load_in_4bit: quantize the quantization constants too (QLoRA's double quantization, ~0.4 bit a weight less)."""
+    bnb_4bit_compute_dtype: Literal["bfloat16", "float32", "float16"] | None = None
+    """With load_in_4bit: the dtype each 4-bit weight is unpacked to for its matmul (default: model.dtype)."""
+
+    @property
+    def quantized(self) -> str | None:
+        """The recipe key that quantizes the base ("load_in_4bit" or "load_in_8bit"), or None."""
+        return "load_in_4bit" if self.load_in_4bit else "load_in_8bit" if self.load_in_8bit else None
+
+    @model_validator(mode="after")
+    def _quantization_needs_lora(self) -> "ModelConfig":
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("model.load_in_4bit and model.load_in_8bit are both true; keep one (4 bits: QLoRA, "
+                             "the smaller; 8 bits: closer to the full-precision model)")
+        if self.quantized and self.lora is None:
+            raise ValueError(f"model.{self.quantized}: a quantized base cannot be fine-tuned in full (its weights "
+                             f"are frozen integers); give model.lora (e.g. {{r: 16, alpha: 32}}) or set "
+                             f"model.{self.quantized}: false")
+        return self
 
     @field_validator("freeze")
     @classmethod
@@ -208,7 +236,8 @@ class RolloutConfig(Section):
     merge_lora: bool = True
     """With LoRA: sample from a copy of the model with the adapters merged into its weights
     (refreshed after every optimiser step): one matmul per layer instead of three, at the
-    cost of one more copy of the weights in the compute dtype."""
+    cost of one more copy of the weights in the compute dtype. Ignored (with a warning) for a quantized
+    base (model.load_in_4bit / load_in_8bit): sampling then runs the quantized base with the adapters on."""
     environment: str | None = None
     """Multi-turn rollouts in an environment: a registered name (calculator) or module:Class (grpokit's
     reset(row)/step(action), or TRL's environment_factory class with reset(**row) and tool methods)."""
@@ -341,6 +370,13 @@ class TrainingConfig(Section):
     """P: prompts per step; each yields G completions."""
     grad_accum: int = Field(1, ge=1)
     """Split the P*G completions into this many micro-batches (lower memory, same result)."""
+    gradient_checkpointing: bool = False
+    """Keep only each transformer block's input in the update's forward and recompute the block in the
+    backward (HF gradient checkpointing, non-reentrant): activation memory falls from every block's to
+    their inputs plus one block's, for about one more forward of time (docs/performance.md). Same loss and
+    gradients. Checkpointing turns the KV cache off, so the reference and update passes score each
+    completion with its own prompt (rollout.share_prompt_prefix is set aside); sampling is unaffected.
+    Text models only for now."""
     seed: int = 0
     """Seed for sampling prompts and completions."""
     eval_every: int = Field(0, ge=0)

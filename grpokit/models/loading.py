@@ -5,13 +5,18 @@ memory and runs the fast matmuls) while PEFT keeps the small adapters in fp32. W
 fine-tuning, weights stay fp32 (bf16 weights would swallow small AdamW updates) and
 matmuls run under autocast in the compute dtype. The reference policy is the base with
 adapters disabled for LoRA (no second copy), a frozen copy for full fine-tuning, and
-nothing at all when beta == 0.
+nothing at all when beta == 0. A quantized base (model.load_in_4bit / load_in_8bit,
+grpokit/models/quantization.py) is LoRA only, so it never gets a frozen copy.
+
+Gradient checkpointing (training.gradient_checkpointing) acts only in training mode with
+gradients on: sampling and the no-grad reference pass keep their KV cache.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +29,13 @@ from grpokit.errors import ModelError
 from grpokit.models.gguf import convert_gguf, embedded_gguf
 from grpokit.models.multimodal import tokenizer_of
 from grpokit.models.processors import load_processor
+from grpokit.models.quantization import is_quantized, quantization_config
 from grpokit.models.vision import (DEFAULT_FROZEN, ROLE_NAMES, is_multimodal, language_model_layers,
                                    role_patterns, role_prefix)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+log = logging.getLogger(__name__)
 
 
 def resolve_model_dir(path: str) -> str:
@@ -73,6 +81,7 @@ class Policy:
     is_lora: bool = False
     merged: Any = None  # plain copy with the LoRA update merged in, for sampling (or None)
     eos_ids: list[int] = field(default_factory=list)
+    gradient_checkpointing: bool = False  # blocks recomputed in the backward; no KV cache while training
 
     @property
     def tokenizer(self):
@@ -238,10 +247,36 @@ def merge_adapter(model, adapter: str):
     return PeftModel.from_pretrained(model, directory, use_safetensors=True).merge_and_unload()
 
 
-def wrap_policy(model, processor, model_cfg, beta: float, device: torch.device, merge_lora: bool = False) -> Policy:
+def enable_checkpointing(model) -> None:
+    """HF gradient checkpointing, non-reentrant: it needs no gradient on the (frozen) embedding output, and
+    HF applies it only in training mode with gradients on, so no-grad passes keep their KV cache."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ModelError(f"training.gradient_checkpointing: {type(model).__name__} does not support gradient "
+                         "checkpointing; set it to false")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x's name; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def wrap_policy(model, processor, model_cfg, beta: float, device: torch.device, merge_lora: bool = False,
+                gradient_checkpointing: bool = False) -> Policy:
     """Add LoRA (or keep full fine-tuning), pick the reference, and bundle it all as a Policy."""
     dtype = DTYPES[model_cfg.dtype]
     multimodal = is_multimodal(model)
+    quantized = is_quantized(model)
+    if gradient_checkpointing and multimodal:
+        # a VLM's prompts (with their images) always run once and hand their KV cache to the completions
+        raise ModelError("training.gradient_checkpointing is not supported for vision-language models yet: their "
+                         "log-prob passes reuse each prompt's KV cache, which checkpointing turns off; set it to false")
+    if quantized and model_cfg.lora is None:
+        raise ModelError("a quantized base (model.load_in_4bit / load_in_8bit) is trained with LoRA only; give model.lora")
+    if quantized and merge_lora:
+        # merging into 4-/8-bit weights would round the update away; a full-precision copy undoes the saving
+        log.warning("rollout.merge_lora is ignored with a quantized base: sampling runs the quantized base with "
+                    "the adapters on (set rollout.merge_lora: false to silence this)")
+        merge_lora = False
     saved = model_cfg.lora.modules_to_save if model_cfg.lora is not None else []
     freeze = role_patterns(model, frozen_entries(model, model_cfg.freeze, saved))
     tokenizer = tokenizer_of(processor)
@@ -253,9 +288,12 @@ def wrap_policy(model, processor, model_cfg, beta: float, device: torch.device, 
         from peft import LoraConfig, get_peft_model
 
         lora = model_cfg.lora
-        model = model.to(device=device, dtype=dtype)
+        if not quantized:  # bitsandbytes' layers were placed by from_pretrained and refuse a dtype change
+            model = model.to(device=device, dtype=dtype)
         if merge_lora:
             merged = copy.deepcopy(model).eval().requires_grad_(False)
+        if gradient_checkpointing:
+            enable_checkpointing(model)
         if multimodal:  # the language model's blocks only, counted as its own blocks
             targets, layers = language_model_lora_targets(model, lora), None
         else:
@@ -272,28 +310,36 @@ def wrap_policy(model, processor, model_cfg, beta: float, device: torch.device, 
         freeze_parameters(model, freeze)
         if beta > 0:
             reference = copy.deepcopy(model).to(dtype=dtype).eval().requires_grad_(False)
+        if gradient_checkpointing:
+            enable_checkpointing(model)
     model.config.use_cache = True
-    return Policy(model, processor, device, dtype, reference, model_cfg.lora is not None, merged, eos)
+    return Policy(model, processor, device, dtype, reference, model_cfg.lora is not None, merged, eos,
+                  gradient_checkpointing)
 
 
-def load_policy(model_cfg, beta: float, merge_lora: bool = False) -> Policy:
-    """Load the recipe's model and tokenizer and wrap them for training."""
+def load_policy(model_cfg, beta: float, merge_lora: bool = False, gradient_checkpointing: bool = False) -> Policy:
+    """Load the recipe's model and tokenizer and wrap them for training; a quantized base is quantized
+    here, by transformers, on its device (model.load_in_4bit / load_in_8bit)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     source = resolve_model_dir(model_cfg.path)
     device = pick_device(model_cfg.device)
     attention = choose_attention(model_cfg.attn_implementation, device)
     kwargs = {"trust_remote_code": model_cfg.trust_remote_code}
+    quantization = quantization_config(model_cfg, DTYPES[model_cfg.bnb_4bit_compute_dtype or model_cfg.dtype])
+    weights = {"dtype": torch.float32}  # full fine-tuning keeps fp32 weights; LoRA casts its frozen base later
+    if quantization is not None:  # the unquantized rest (embeddings, norms) straight in the compute dtype
+        weights = {"dtype": DTYPES[model_cfg.dtype], "quantization_config": quantization, "device_map": {"": device}}
     try:
         # a vision part in the config (a local directory or a hub id alike) makes it a vision-language model
         multimodal = hasattr(AutoConfig.from_pretrained(source, **kwargs), "vision_config")
         model_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
         processor = load_processor(source, multimodal, model_cfg.trust_remote_code,
                                    min_pixels=model_cfg.min_pixels, max_pixels=model_cfg.max_pixels)
-        model = model_class.from_pretrained(source, dtype=torch.float32, attn_implementation=attention, **kwargs)
+        model = model_class.from_pretrained(source, attn_implementation=attention, **weights, **kwargs)
     except OSError as exc:
         raise ModelError(f"model.path {model_cfg.path!r}: cannot load ({exc})") from None
     tokenizer_of(processor).padding_side = "left"
     if model_cfg.adapter:
         model = merge_adapter(model, model_cfg.adapter)
-    return wrap_policy(model, processor, model_cfg, beta, device, merge_lora)
+    return wrap_policy(model, processor, model_cfg, beta, device, merge_lora, gradient_checkpointing)

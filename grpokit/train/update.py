@@ -100,7 +100,7 @@ def policy_update(run: Run, optimizer, scheduler, rollouts: Rollouts, advantages
     summed gradient equals the full-batch gradient whatever ``grad_accum`` is.
     """
     policy, algo, training, world = run.policy, run.recipe.algorithm, run.recipe.training, run.world
-    group_size = run.recipe.rollout.num_generations if run.recipe.rollout.share_prompt_prefix else 1
+    group_size = run.recipe.rollout.num_generations if run.recipe.rollout.share_prompt_prefix and not policy.gradient_checkpointing else 1
     world.mark("the policy update")
     micro_batches = split_micro_batches(rollouts, training.grad_accum, algo.mask_truncated_completions, group_size)
     if is_sharded(policy.model):
