@@ -333,6 +333,10 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # bitsandbytes (the qlora extra), imported by transformers whenever it is installed, warns on AVX512-BF16
+    # CPUs that it cannot fetch a faster kernel from the Hub, then uses its own: nothing a user can act on
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward"))
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

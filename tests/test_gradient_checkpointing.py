@@ -20,16 +20,6 @@ from grpokit.rollout import completion_logprobs
 from conftest import tiny_recipe
 
 
-def checkpointed(monkeypatch, on: bool = True) -> None:
-    """Build the run's policy with checkpointing ``on``, however train/run.py calls load_policy."""
-    from grpokit.train import run
-
-    def load(model_cfg, beta, merge_lora=False, gradient_checkpointing=False):
-        return load_policy(model_cfg, beta, merge_lora, on)
-
-    monkeypatch.setattr(run, "load_policy", load)
-
-
 def count_block_forwards(policy) -> list[int]:
     """A counter of the first decoder block's forwards: checkpointing runs it once more in the backward.
     The hook sits on the block's attention: HF checkpoints a block's ``forward``, so the block's own hooks
@@ -89,9 +79,9 @@ def test_the_update_is_the_same_and_sampling_untouched(tiny_model_dir, tmp_path,
 
     completions, params, losses = [], [], []
     for on in (False, True):
-        checkpointed(monkeypatch, on)
         recipe = recipe_from_dict(tiny_recipe(tiny_model_dir, tmp_path / f"gc{on}", algorithm={"beta": 0.1},
                                               model={"lora": {"r": 4, "alpha": 8}},
+                                              training={"gradient_checkpointing": on},
                                               rollout={"share_prompt_prefix": True, "merge_lora": False}))
         run = setup(recipe)
         assert run.policy.gradient_checkpointing is on
@@ -116,7 +106,6 @@ def test_the_update_is_the_same_and_sampling_untouched(tiny_model_dir, tmp_path,
 def test_a_short_run_with_checkpointing_trains(tiny_model_dir, tmp_path, monkeypatch):
     from grpokit.train import train
 
-    checkpointed(monkeypatch)
     recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", model={"lora": {"r": 4, "alpha": 8}},
                          algorithm={"beta": 0.05}, training={"max_steps": 3, "gradient_checkpointing": True,
                                                              "grad_accum": 2})

@@ -72,7 +72,7 @@ def setup(recipe: Recipe, world: World | None = None) -> Run:
     sharded = training.fsdp and world.distributed  # FSDP2: each rank keeps a shard (models/sharding.py)
     device = pick_device(recipe.model.device)
     policy = load_policy(loading_config(recipe.model, device) if sharded else recipe.model, recipe.algorithm.beta,
-                         recipe.rollout.merge_lora)
+                         recipe.rollout.merge_lora, training.gradient_checkpointing)
     if sharded:
         policy = shard_policy(policy, world.size, device)
     encoder = PromptEncoder(policy.processor, recipe.data.chat_template, recipe.data.system_prompt,
