@@ -390,11 +390,11 @@ def test_curiosity_state_is_checkpointed_and_resumed(tiny_model_dir, tmp_path, m
     assert resumed > updates  # it went on from the saved model, not from a new one
 
 
-def _eager(model_cfg, beta, merge_lora=False):
+def _eager(model_cfg, beta, merge_lora=False, gradient_checkpointing=False):
     """load_policy, then the end-of-turn nudge of ``eager_policy`` on the loaded model."""
     from grpokit.models.loading import load_policy
 
-    policy = load_policy(model_cfg, beta, merge_lora)
+    policy = load_policy(model_cfg, beta, merge_lora, gradient_checkpointing)
     shift = torch.zeros(policy.model.get_output_embeddings().out_features)
     shift[EOS] = 4.0
     policy.model.get_output_embeddings().register_forward_hook(lambda module, args, out: out + shift)
