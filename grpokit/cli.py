@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -347,7 +348,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     quiet_libraries()
     try:
-        return args.func(args)
+        code = args.func(args)
+        if launched_rank() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # one of several processes, its work written: leave now, not through interpreter teardown, where
+            # the process group's threads (held by FSDP's modules) can be destroyed running and abort the
+            # process after a finished run ("terminate called without an active exception", SIGABRT)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except GrpokitError as err:
         if args.debug:
             raise

@@ -158,6 +158,16 @@ class World:
     def barrier(self, stage: str) -> None:
         self.gather(None, stage)
 
+    def close(self) -> None:
+        """Leave the process group. Exiting without it lets gloo's threads be torn down during interpreter
+        shutdown, which can abort the process ("terminate called without an active exception") after the
+        run has finished."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
     def on_main(self, stage: str, fn):
         """``fn()`` run by rank 0 alone (writing the run directory, deciding what to resume), its result
         given to every rank. Its error stops every rank: rank 0 raises it, the others a quiet copy (the

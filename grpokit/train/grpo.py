@@ -110,14 +110,20 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
     output_dir = recipe.training.output_dir
     world = World.from_environment(recipe.training.distributed_timeout_s)
     # rank 0 alone holds the run directory: it takes the lock and decides; the other ranks only read
-    with RunLock(output_dir) if world.is_main else contextlib.nullcontext():
-        resume_from = world.on_main("choosing the checkpoint to resume", lambda: choose_start(recipe, resume, overwrite))
-        run = setup(recipe, world)
-        try:
-            with GracefulStop() as stop:
-                return run_to_end(run, resume_from, overwrite, stop, progress, t_start)
-        finally:
-            run.rewards.close()
+    try:
+        with RunLock(output_dir) if world.is_main else contextlib.nullcontext():
+            resume_from = world.on_main("choosing the checkpoint to resume",
+                                        lambda: choose_start(recipe, resume, overwrite))
+            run = setup(recipe, world)
+            try:
+                with GracefulStop() as stop:
+                    run_dir = run_to_end(run, resume_from, overwrite, stop, progress, t_start)
+                world.barrier("finishing the run")  # every rank done before any leaves the process group
+                return run_dir
+            finally:
+                run.rewards.close()
+    finally:
+        world.close()
 
 
 def choose_start(recipe: Recipe, resume: bool, overwrite: bool) -> Path | None:
