@@ -349,7 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries()
     try:
         code = args.func(args)
-        if launched_rank() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from grpokit.distributed import launched_world_size
+
+        if launched_world_size() > 1:
             # one of several processes, its work written: leave now, not through interpreter teardown, where
             # the process group's threads (held by FSDP's modules) can be destroyed running and abort the
             # process after a finished run ("terminate called without an active exception", SIGABRT)

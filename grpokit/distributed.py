@@ -86,7 +86,6 @@ class World:
         if self._store is not None:
             self._store.set(f"grpokit/stage/{self.rank}", f"{stage} (step {self.step})")
 
-    _enter = mark
 
     def _failed(self, stage: str, exc: BaseException) -> TrainingError:
         seen = []
@@ -112,7 +111,7 @@ class World:
             return [value]
         import torch.distributed as dist
 
-        self._enter(stage)
+        self.mark(stage)
         out: list[Any] = [None] * self.size
         try:
             dist.all_gather_object(out, value)
@@ -126,7 +125,7 @@ class World:
             return tensor
         import torch.distributed as dist
 
-        self._enter(stage)
+        self.mark(stage)
         try:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         except Exception as exc:

@@ -75,15 +75,19 @@ def _pad_to(x_NW: torch.Tensor, width: int, value: float, left: bool) -> torch.T
     return torch.cat([pad_NM, x_NW] if left else [x_NW, pad_NM], dim=1)
 
 
+def _joined(parts: list[Rollouts], name: str, missing) -> list | None:
+    """A per-sequence list field of every part in order, ``missing`` for a part without it; None if none has it."""
+    if all(getattr(r, name) is None for r in parts):
+        return None
+    return [item for r in parts for item in (getattr(r, name) or [missing] * len(r.truncated_N))]
+
+
 def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
     """Stack rollouts of different widths: prompts re-padded on the left, completions on the right.
     Sampling log-probs survive only when every part has them (a replayed group may not)."""
     P = max(r.prompt_ids_NP.size(1) for r in parts)
     C = max(r.completion_ids_NC.size(1) for r in parts)
     sampled = all(r.sampling_logprobs_NC is not None for r in parts)
-    multimodal = any(r.prompt_inputs_N is not None for r in parts)
-    observed = any(r.completion_inputs_N is not None for r in parts)
-    episodes = any(r.trajectories_N is not None for r in parts)
     return Rollouts(
         prompt_ids_NP=torch.cat([_pad_to(r.prompt_ids_NP, P, pad_id, left=True) for r in parts]),
         prompt_mask_NP=torch.cat([_pad_to(r.prompt_mask_NP, P, 0, left=True) for r in parts]),
@@ -93,14 +97,11 @@ def concat_rollouts(parts: list[Rollouts], pad_id: int) -> Rollouts:
         loss_mask_NC=torch.cat([_pad_to(r.loss_mask_NC, C, 0, left=False) for r in parts]),
         sampling_logprobs_NC=(torch.cat([_pad_to(r.sampling_logprobs_NC, C, 0.0, left=False) for r in parts])
                               if sampled else None),
-        # a text prompt in a vision-language run has no image inputs: an empty dict each
-        prompt_inputs_N=([inputs for r in parts for inputs in (r.prompt_inputs_N or [{}] * len(r.truncated_N))]
-                         if multimodal else None),
-        completion_inputs_N=([inputs for r in parts for inputs in (r.completion_inputs_N or [{}] * len(r.truncated_N))]
-                             if observed else None),
+        # a text prompt in a vision-language run has no image inputs (nor a text reply): an empty dict each
+        prompt_inputs_N=_joined(parts, "prompt_inputs_N", {}),
+        completion_inputs_N=_joined(parts, "completion_inputs_N", {}),
         # a replayed group keeps no trajectory: its rewards are stored, nothing rescores it
-        trajectories_N=([t for r in parts for t in (r.trajectories_N or [None] * len(r.truncated_N))]
-                        if episodes else None),
+        trajectories_N=_joined(parts, "trajectories_N", None),
     )
 
 
