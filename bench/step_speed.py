@@ -109,6 +109,24 @@ def summarise(result: dict, args, n_params: int, rates: dict) -> dict:
     return s
 
 
+def rows_in_draw_order() -> list[dict]:
+    """The training rows in the order grpokit draws them (training.seed 0, first epoch): TRL gets them so, unshuffled."""
+    from grpokit.data import make_task
+
+    train_rows, _ = make_task("larger_number", 64, 8, seed=0)
+    order = list(range(len(train_rows)))
+    random.Random(0).shuffle(order)
+    return [train_rows[i] for i in order]
+
+
+def base_spec(args, model_dir: str, threads: int) -> dict:
+    """The work every worker is given (bench/scaling.py builds each of its configurations with it too)."""
+    return {"model": model_dir, "prompts": args.prompts, "generations": args.generations, "threads": threads,
+            "max_completion_length": args.max_completion_length, "beta": args.beta, "lr": args.lr, "full": args.full,
+            "total_steps": args.warmup + args.steps, "seed": 0, "data_seed": 0, "train_size": 64, "eval_size": 8,
+            "attn": args.attn}
+
+
 def fmt(value, spec: str, unit: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{unit}"
 
@@ -138,21 +156,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from grpokit.data import make_task
     from grpokit.models import resolve_model_dir
 
     threads = args.threads or torch.get_num_threads()
     model_dir = args.model or resolve_model_dir("smollm2-135m-instruct")
-    train_rows, _ = make_task("larger_number", 64, 8, seed=0)
-    order = list(range(len(train_rows)))
-    random.Random(0).shuffle(order)  # grpokit's draw order for training.seed 0 (first epoch)
-    rows = [train_rows[i] for i in order]
+    rows = rows_in_draw_order()
     n_total, n_params = non_embedding_params(model_dir)
     rates = {"bfloat16": matmul_rate(torch.bfloat16, threads), "float32": matmul_rate(torch.float32, threads)}
-    base = {"model": model_dir, "prompts": args.prompts, "generations": args.generations, "threads": threads,
-            "max_completion_length": args.max_completion_length, "beta": args.beta, "lr": args.lr, "full": args.full,
-            "total_steps": args.warmup + args.steps, "seed": 0, "data_seed": 0, "train_size": 64, "eval_size": 8,
-            "attn": args.attn}
+    base = base_spec(args, model_dir, threads)
     out = Path(args.out)
     runs = [("_grpokit_worker.py", {**base, "label": "grpokit-bf16", "dtype": "bfloat16"})]
     if args.grpokit_fp32:
