@@ -46,6 +46,9 @@ from grpokit.train.update import policy_update
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, dict[str, Any]], None]
+# sees the live run (its policy) before the first step and after each step, on the main process; a bench evaluates
+# the model there on its own clock (bench/time_to_accuracy.py) and may end the run with SIGTERM, as a scheduler would
+StepHook = Callable[[Run, int], None]
 # the end of the message when training.max_consecutive_skips updates in a row were skipped (train/skips.py)
 SKIP_REMEDY = ("the skipped updates never changed the weights, and the last checkpoint is intact. Check the rewards "
                "for extreme values and continue with --resume (training.max_consecutive_skips may be raised on "
@@ -95,7 +98,8 @@ def write_samples(run: Run, step: int, batch: Batch, logger: RunLogger) -> None:
                            **({"extra": {c: v[i] for c, v in extra.items()}} if extra else {})} for i in picks])
 
 
-def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progress: ProgressFn | None = None) -> Path:
+def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progress: ProgressFn | None = None,
+          on_step: StepHook | None = None) -> Path:
     """Run the recipe end to end (or on from its latest checkpoint); return the run directory.
 
     One process per run directory: an exclusive lock on it is taken before anything is read
@@ -105,6 +109,7 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
     evaluation to the final checkpoint, SIGINT/SIGTERM end the run cleanly: after the current
     evaluation or step, with a checkpoint (run.json status "stopped"); ``resume=True``
     continues it exactly. A signal during the final evaluation or checkpoint lets both finish.
+    ``on_step(run, step)``: see ``StepHook``.
     """
     t_start = time.perf_counter()
     output_dir = recipe.training.output_dir
@@ -117,7 +122,7 @@ def train(recipe: Recipe, overwrite: bool = False, resume: bool = False, progres
             run = setup(recipe, world)
             try:
                 with GracefulStop() as stop:
-                    run_dir = run_to_end(run, resume_from, overwrite, stop, progress, t_start)
+                    run_dir = run_to_end(run, resume_from, overwrite, stop, progress, t_start, on_step)
                 world.barrier("finishing the run")  # every rank done before any leaves the process group
                 return run_dir
             finally:
@@ -156,7 +161,7 @@ def open_run(run: Run, optimizer, scheduler, resume_from: Path | None, overwrite
 
 
 def run_to_end(run: Run, resume_from: Path | None, overwrite: bool, stop: GracefulStop, progress: ProgressFn | None,
-               t_start: float) -> Path:
+               t_start: float, on_step: StepHook | None = None) -> Path:
     """Evaluate, train step by step, evaluate, checkpoint; stop cleanly after the eval or step a signal lands in."""
     recipe, training = run.recipe, run.recipe.training
     optimizer, scheduler = build_optimizer(run.policy.trainable_parameters(), training, recipe.algorithm.num_iterations)
@@ -184,10 +189,14 @@ def run_to_end(run: Run, resume_from: Path | None, overwrite: bool, stop: Gracef
         if start == 0 and not stopping() and not evaluated:
             run_eval(run, 0, run_dir, logger)
         step = start
+        if on_step is not None and world.is_main:
+            on_step(run, step)
         while step < training.max_steps and not stopping():
             step += 1
             world.step = step
             run_step(run, optimizer, scheduler, step, logger, progress)
+            if on_step is not None and world.is_main:
+                on_step(run, step)
             if step < training.max_steps:  # the last step's eval and checkpoint are the final ones, below
                 if training.eval_every and step % training.eval_every == 0:
                     run_eval(run, step, run_dir, logger)
