@@ -210,3 +210,43 @@ def test_backbone_and_head_are_found_under_peft_compile_and_ddp_wrappers(char_to
         assert backbone_and_head(torch.nn.parallel.DistributedDataParallel(lora))[0] is lora.get_base_model().get_decoder()
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_token_logprobs_match_log_softmax_values_entropy_and_gradients(dtype):
+    from grpokit.rollout import logprobs
+
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 45, 300) * 4).to(dtype).requires_grad_()  # 135 rows: several chunks, one partial
+    ids = torch.randint(0, 300, (3, 45))
+    weights = torch.randn(3, 45)
+    before = logits.detach().clone()
+    logp, entropy = logprobs.token_logprobs(logits, ids, with_entropy=True)
+    (logp * weights).sum().backward()
+    fused_grad, logits.grad = logits.grad.clone(), None
+    reference = logits.float().log_softmax(-1)
+    ref_logp = reference.gather(-1, ids[..., None]).squeeze(-1)
+    (ref_logp * weights).sum().backward()
+    torch.testing.assert_close(logp, ref_logp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(entropy, -(reference.exp() * reference).sum(-1), atol=1e-4, rtol=1e-5)
+    assert fused_grad.dtype == dtype and not entropy.requires_grad
+    torch.testing.assert_close(fused_grad.float(), logits.grad.float(), atol=1e-6, rtol=1e-2)
+    assert torch.equal(logits.detach(), before)  # the logits are never shifted in place
+
+
+def test_masked_token_logprobs_score_only_kept_tokens():
+    from grpokit.rollout.logprobs import head_logits, masked_token_logprobs, token_logprobs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 20, bias=False)
+    hidden = torch.randn(4, 6, 8, requires_grad=True)
+    ids = torch.randint(0, 20, (4, 6))
+    mask = torch.ones(4, 6, dtype=torch.long)
+    mask[0, 3:] = 0
+    mask[2, 1:] = 0
+    logp, entropy = masked_token_logprobs(head, hidden, ids, mask, with_entropy=True)
+    full, full_entropy = token_logprobs(head_logits(head, hidden), ids, with_entropy=True)
+    torch.testing.assert_close(logp, full * mask)
+    torch.testing.assert_close(entropy, full_entropy * mask)
+    logp.sum().backward()
+    assert hidden.grad[0, 3:].abs().sum() == 0 and hidden.grad[0, :3].abs().sum() > 0

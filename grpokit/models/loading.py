@@ -26,6 +26,7 @@ import torch
 
 from grpokit.config import DEFAULT_MODEL
 from grpokit.errors import ModelError
+from grpokit.models.attention import eager_for
 from grpokit.models.gguf import convert_gguf, embedded_gguf
 from grpokit.models.multimodal import tokenizer_of
 from grpokit.models.processors import load_processor
@@ -62,11 +63,15 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def choose_attention(name: str, device: torch.device) -> str:
-    """Resolve "auto": eager attention on CPU (faster backward on short sequences), SDPA elsewhere."""
+def choose_attention(name: str, device: torch.device, config=None) -> str:
+    """Resolve "auto": eager attention on CPU (faster backward on short sequences), SDPA elsewhere. Given the
+    model's config, CPU eager is grpokit's grouped-query kernel for the families where it is exact
+    (``models/attention.py``)."""
     if name != "auto":
         return name
-    return "eager" if device.type == "cpu" else "sdpa"
+    if device.type != "cpu":
+        return "sdpa"
+    return eager_for(config) if config is not None else "eager"
 
 
 @dataclass
@@ -89,10 +94,22 @@ class Policy:
         return tokenizer_of(self.processor)
 
     def autocast(self):
-        """Matmuls in the compute dtype; a no-op for fp32."""
+        """Matmuls in the compute dtype; a no-op for fp32.
+
+        With LoRA, PEFT casts each adapted layer's input to the adapters' fp32 before ``lora_A``,
+        and autocast casts it straight back to the compute dtype for the matmul: two full copies
+        of every adapted layer's input per forward, for the same bf16 matmul. Under autocast that
+        cast is switched off (PEFT's own switch), which changes no value.
+        """
         if self.compute_dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(device_type=self.device.type, dtype=self.compute_dtype))
+        if self.is_lora:
+            from peft.helpers import disable_input_dtype_casting
+
+            stack.enter_context(disable_input_dtype_casting(self.model))
+        return stack
 
     def reference_model(self):
         """Context manager yielding the reference: adapters off (LoRA) or the frozen copy."""
@@ -324,7 +341,6 @@ def load_policy(model_cfg, beta: float, merge_lora: bool = False, gradient_check
 
     source = resolve_model_dir(model_cfg.path)
     device = pick_device(model_cfg.device)
-    attention = choose_attention(model_cfg.attn_implementation, device)
     kwargs = {"trust_remote_code": model_cfg.trust_remote_code}
     quantization = quantization_config(model_cfg, DTYPES[model_cfg.bnb_4bit_compute_dtype or model_cfg.dtype])
     weights = {"dtype": torch.float32}  # full fine-tuning keeps fp32 weights; LoRA casts its frozen base later
@@ -332,7 +348,9 @@ def load_policy(model_cfg, beta: float, merge_lora: bool = False, gradient_check
         weights = {"dtype": DTYPES[model_cfg.dtype], "quantization_config": quantization, "device_map": {"": device}}
     try:
         # a vision part in the config (a local directory or a hub id alike) makes it a vision-language model
-        multimodal = hasattr(AutoConfig.from_pretrained(source, **kwargs), "vision_config")
+        config = AutoConfig.from_pretrained(source, **kwargs)
+        multimodal = hasattr(config, "vision_config")
+        attention = choose_attention(model_cfg.attn_implementation, device, config)
         model_class = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
         processor = load_processor(source, multimodal, model_cfg.trust_remote_code,
                                    min_pixels=model_cfg.min_pixels, max_pixels=model_cfg.max_pixels)

@@ -1,8 +1,8 @@
 """Per-token log-probabilities of completions under a model, computed without waste.
 
 Only completion positions get logits, and the log-softmax over the vocabulary is taken
-in fp32 one row-chunk at a time, so the full ``[N, T, V]`` fp32 tensor never exists at
-once (49k vocab x 64 seqs x 60 tokens would be 0.75 GB).
+in fp32 one cache-sized row chunk at a time (``_ChosenLogProbs``), so the full ``[N, T, V]``
+fp32 tensor never exists (49k vocab x 64 seqs x 60 tokens would be 0.75 GB).
 
 Logits come from the backbone's hidden states through the output head as one 2-D
 matmul. Calling the whole model with ``logits_to_keep`` hands the head a sliced 3-D
@@ -23,20 +23,67 @@ from grpokit.models.parts import backbone_and_head
 from grpokit.models.sharding import is_sharded
 
 
-def token_logprobs(logits_NCV: torch.Tensor, ids_NC: torch.Tensor, chunk_rows: int = 8,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log p(ids) ``[N, C]`` (differentiable) and, if asked, per-token entropy ``[N, C]`` (detached)."""
-    logps, entropies = [], []
-    for start in range(0, logits_NCV.size(0), chunk_rows):
-        chunk_nCV = logits_NCV[start:start + chunk_rows].float()
-        logsumexp_nC = torch.logsumexp(chunk_nCV, dim=-1)  # [n, C]
-        picked_nC = chunk_nCV.gather(-1, ids_NC[start:start + chunk_rows, :, None]).squeeze(-1)
-        logps.append(picked_nC - logsumexp_nC)
+ROWS_PER_CHUNK = 32  # token rows per pass over the vocabulary: 32 x 49k fp32 = 6 MB, which stays in cache
+
+
+class _ChosenLogProbs(torch.autograd.Function):
+    """log softmax(logits)[id] per token row, with the vocabulary passes fused by hand.
+
+    Autograd through ``logsumexp`` + ``gather`` keeps an fp32 copy of every logit for the
+    backward, and each of its steps (cast, max, subtract, exp, sum; then the backward's
+    exp, zero fill, scatter, add, cast) is a full pass over ``[rows, V]`` in DRAM: measured
+    here, those passes cost more than the output head's matmul. This function walks the
+    rows in cache-sized chunks, keeps only the (bf16) logits and each row's log-normaliser,
+    and recomputes the softmax chunk by chunk in the backward. Entropy comes from the same
+    chunk while it is in cache: H = lse - sum(softmax * logits).
+    """
+
+    @staticmethod
+    def forward(ctx, logits_RV, ids_R, with_entropy: bool):
+        R = logits_RV.size(0)
+        lse_R = torch.empty(R, dtype=torch.float32, device=logits_RV.device)
+        picked_R = torch.empty_like(lse_R)
+        entropy_R = torch.empty_like(lse_R) if with_entropy else None
+        for start in range(0, R, ROWS_PER_CHUNK):
+            rows = slice(start, start + ROWS_PER_CHUNK)
+            x_rV = logits_RV[rows].to(torch.float32, copy=True)  # a copy: shifted in place below
+            max_r1 = x_rV.amax(dim=-1, keepdim=True)
+            x_rV.sub_(max_r1)  # shifted: exp cannot overflow
+            exp_rV = x_rV.exp()
+            sum_r = exp_rV.sum(dim=-1)
+            log_sum_r = sum_r.log()
+            lse_R[rows] = log_sum_r + max_r1.squeeze(-1)
+            picked_R[rows] = x_rV.gather(-1, ids_R[rows, None]).squeeze(-1) - log_sum_r
+            if with_entropy:  # -sum p log p with p = exp / sum and log p = shifted - log sum
+                entropy_R[rows] = log_sum_r - (exp_rV * x_rV).sum(dim=-1) / sum_r
+        ctx.save_for_backward(logits_RV, ids_R, lse_R)
         if with_entropy:
-            with torch.no_grad():
-                logp_nCV = chunk_nCV - logsumexp_nC[..., None]
-                entropies.append(-(logp_nCV.exp() * logp_nCV).sum(dim=-1))
-    return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
+            ctx.mark_non_differentiable(entropy_R)
+            return picked_R, entropy_R
+        return picked_R
+
+    @staticmethod
+    def backward(ctx, grad_R, *_):
+        # d log p(id) / d logits = onehot(id) - softmax
+        logits_RV, ids_R, lse_R = ctx.saved_tensors
+        grad_RV = torch.empty_like(logits_RV)
+        for start in range(0, logits_RV.size(0), ROWS_PER_CHUNK):
+            rows = slice(start, start + ROWS_PER_CHUNK)
+            g_r1 = grad_R[rows, None]
+            p_rV = logits_RV[rows].to(torch.float32, copy=True).sub_(lse_R[rows, None]).exp_()
+            grad_rV = p_rV.mul_(-g_r1).scatter_add_(-1, ids_R[rows, None], g_r1)
+            grad_RV[rows] = grad_rV
+        return grad_RV, None, None
+
+
+def token_logprobs(logits_NCV: torch.Tensor, ids_NC: torch.Tensor,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log p(ids) ``[N, C]`` (differentiable, fp32) and, if asked, per-token entropy ``[N, C]`` (detached)."""
+    N, C, V = logits_NCV.shape
+    out = _ChosenLogProbs.apply(logits_NCV.reshape(N * C, V), ids_NC.reshape(N * C), with_entropy)
+    if with_entropy:
+        return out[0].view(N, C), out[1].view(N, C)
+    return out.view(N, C), None
 
 
 def head_logits(head, hidden_NCH: torch.Tensor) -> torch.Tensor:
@@ -91,7 +138,24 @@ def completion_logprobs(model, prompt_ids_NP, prompt_mask_NP, completion_ids_NC,
                               use_cache=False).last_hidden_state
         # position P-1+t predicts completion token t: positions L-C-1 .. L-2
         hidden_NCH = hidden_NLH[:, -C - 1:-1, :]
-    return token_logprobs(head_logits(head, hidden_NCH), completion_ids_NC, with_entropy=with_entropy)
+    return masked_token_logprobs(head, hidden_NCH, completion_ids_NC, completion_mask_NC, with_entropy)
+
+
+def masked_token_logprobs(head, hidden_NCH, ids_NC, mask_NC, with_entropy: bool = False):
+    """``token_logprobs`` for the tokens the mask keeps, 0 elsewhere: the output head and the vocabulary
+    passes run only there. A batch's completions stop at different lengths; the padding after each
+    EOS is a third of the positions in a typical step, and no loss, KL or metric reads them."""
+    keep_K = mask_NC.reshape(-1).nonzero().squeeze(1)  # [K] flat indices of kept tokens
+    if keep_K.numel() == mask_NC.numel():
+        return token_logprobs(head_logits(head, hidden_NCH), ids_NC, with_entropy=with_entropy)
+    N, C, H = hidden_NCH.shape
+    hidden_K1H = hidden_NCH.reshape(N * C, H).index_select(0, keep_K)[:, None, :]
+    logp_K1, entropy_K1 = token_logprobs(head_logits(head, hidden_K1H), ids_NC.reshape(-1)[keep_K, None],
+                                         with_entropy=with_entropy)
+
+    def scatter(values_K1):
+        return values_K1.new_zeros(N * C).index_copy(0, keep_K, values_K1.squeeze(1)).view(N, C)
+    return scatter(logp_K1), (scatter(entropy_K1) if with_entropy else None)
 
 
 def prefill(backbone, prompt_ids_BP, prompt_mask_BP, prompt_inputs_B: list[dict] | None = None):

@@ -47,7 +47,7 @@ from grpokit.models.sharding import full_weights
 from grpokit.rollout.contract import Rollouts
 from grpokit.rollout.encoding import PromptBatch
 from grpokit.rollout.logprobs import prefill, run_backbone
-from grpokit.rollout.sampler import TorchSampler, chosen_logprobs, sample_next, streams_for
+from grpokit.rollout.sampler import TorchSampler, next_tokens, streams_for
 
 log = logging.getLogger(__name__)
 _DUMMY = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
@@ -209,11 +209,7 @@ class MultiTurnSampler(TorchSampler):
             streams = streams_for(batch, G, self.generator, device)
             # every unfinished sequence keeps at least one token per pass, so max_new_tokens passes end them all
             for _ in range(self.max_new_tokens):
-                if greedy:
-                    sampled_N = logits_NV.argmax(dim=-1)
-                else:
-                    sampled_N = sample_next(logits_NV, self.temperature, self.top_k, self.top_p, streams)
-                logp_N = chosen_logprobs(logits_NV, sampled_N)
+                sampled_N, logp_N = next_tokens(logits_NV, greedy, self.temperature, self.top_k, self.top_p, streams)
                 ended = []
                 for i, seq in enumerate(seqs):
                     seq.feed, seq.feed_images = [], {}
