@@ -250,3 +250,40 @@ def test_masked_token_logprobs_score_only_kept_tokens():
     torch.testing.assert_close(entropy, full_entropy * mask)
     logp.sum().backward()
     assert hidden.grad[0, 3:].abs().sum() == 0 and hidden.grad[0, :3].abs().sum() > 0
+
+
+def test_flushed_exp_zeroes_only_what_is_below_float32_resolution_of_the_softmax():
+    from grpokit.rollout.logprobs import FLUSH_BELOW, exp_flushed_
+
+    x = torch.tensor([0.0, -3.0, FLUSH_BELOW + 0.5, FLUSH_BELOW - 0.5, -95.0, -1e4, float("-inf")])
+    flushed = exp_flushed_(x.clone())
+    torch.testing.assert_close(flushed[:3], x[:3].exp(), rtol=1e-6, atol=0)
+    assert torch.equal(flushed[3:], torch.zeros(4))
+
+
+def test_wide_logit_tails_give_the_same_logprobs_gradients_and_samples():
+    """Most of a peaked model's vocabulary lies far below its top token, where the fused passes flush
+    exp to 0: values, entropies, gradients and the plain sampler's draws stay those of the exact maths."""
+    from grpokit.rollout import logprobs
+    from grpokit.rollout.sampler import next_tokens
+
+    torch.manual_seed(0)
+    logits = (torch.randn(70, 500) * 40).requires_grad_()  # most entries < e^-64 of the row's top
+    ids = torch.randint(0, 500, (70,))
+    reference = logits.log_softmax(-1)
+    assert (reference < logprobs.FLUSH_BELOW).float().mean() > 0.5
+    logp, entropy = logprobs.token_logprobs(logits[None], ids[None], with_entropy=True)
+    logp.sum().backward()
+    fused_grad, logits.grad = logits.grad.clone(), None
+    reference.gather(-1, ids[:, None]).sum().backward()
+    torch.testing.assert_close(logp[0], reference.gather(-1, ids[:, None]).squeeze(-1).detach())
+    torch.testing.assert_close(entropy[0], -(reference.exp() * reference).sum(-1).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused_grad, logits.grad, atol=1e-7, rtol=1e-5)
+    masked = logits.detach().clone()
+    masked[:, 0] = float("-inf")  # a token the model rules out is never drawn
+    drawn, drawn_logp = next_tokens(masked, False, 1.0, 0, 1.0, torch.Generator().manual_seed(3))
+    exact = torch.searchsorted(masked.log_softmax(-1).exp().cumsum(-1),
+                               torch.rand(70, 1, generator=torch.Generator().manual_seed(3))
+                               * masked.log_softmax(-1).exp().cumsum(-1)[:, -1:], right=True).squeeze(1)
+    assert torch.equal(drawn, exact) and (drawn != 0).all()
+    torch.testing.assert_close(drawn_logp, masked.log_softmax(-1).gather(-1, drawn[:, None]).squeeze(-1))

@@ -25,6 +25,22 @@ from grpokit.models.sharding import is_sharded
 
 ROWS_PER_CHUNK = 32  # token rows per pass over the vocabulary: 32 x 49k fp32 = 6 MB, which stays in cache
 
+# Exponents below this are flushed to probability 0. torch's vectorised CPU exp (and a multiply
+# whose result is subnormal) leaves its fast path once results fall below float32's smallest
+# normal number, e^-87.3: measured here, exp over 32 x 49k log-probs took 15 ms instead of
+# 0.25 ms, because most of a 49k vocabulary lies that far below the likeliest token. e^-64 is
+# 1.6e-28: all of a 256k vocabulary at that level sums to 4e-23, far below half an fp32 ulp of
+# the softmax's total (6e-8), so no sum, sample or entropy changes, and the backward's
+# products of such a probability with a token's gradient (down to 1e-9) stay normal numbers.
+FLUSH_BELOW = -64.0
+
+
+def exp_flushed_(x: torch.Tensor) -> torch.Tensor:
+    """``exp(x)`` in place (fp32), with every result below e^``FLUSH_BELOW`` set to exactly 0 (so
+    ``-inf`` still gives 0)."""
+    flushed = x < FLUSH_BELOW
+    return x.clamp_(min=FLUSH_BELOW).exp_().masked_fill_(flushed, 0.0)
+
 
 class _ChosenLogProbs(torch.autograd.Function):
     """log softmax(logits)[id] per token row, with the vocabulary passes fused by hand.
@@ -49,7 +65,7 @@ class _ChosenLogProbs(torch.autograd.Function):
             x_rV = logits_RV[rows].to(torch.float32, copy=True)  # a copy: shifted in place below
             max_r1 = x_rV.amax(dim=-1, keepdim=True)
             x_rV.sub_(max_r1)  # shifted: exp cannot overflow
-            exp_rV = x_rV.exp()
+            exp_rV = exp_flushed_(x_rV.clone())
             sum_r = exp_rV.sum(dim=-1)
             log_sum_r = sum_r.log()
             lse_R[rows] = log_sum_r + max_r1.squeeze(-1)
@@ -70,7 +86,7 @@ class _ChosenLogProbs(torch.autograd.Function):
         for start in range(0, logits_RV.size(0), ROWS_PER_CHUNK):
             rows = slice(start, start + ROWS_PER_CHUNK)
             g_r1 = grad_R[rows, None]
-            p_rV = logits_RV[rows].to(torch.float32, copy=True).sub_(lse_R[rows, None]).exp_()
+            p_rV = exp_flushed_(logits_RV[rows].to(torch.float32, copy=True).sub_(lse_R[rows, None]))
             grad_rV = p_rV.mul_(-g_r1).scatter_add_(-1, ids_R[rows, None], g_r1)
             grad_RV[rows] = grad_rV
         return grad_RV, None, None

@@ -15,7 +15,7 @@ from grpokit.models.sharding import full_weights
 from grpokit.rollout.contract import Rollouts
 from grpokit.rollout.encoding import PromptBatch
 from grpokit.models.multimodal import positions_after
-from grpokit.rollout.logprobs import prefill, run_backbone
+from grpokit.rollout.logprobs import exp_flushed_, prefill, run_backbone
 
 
 MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio): seeds of neighbouring prompts land far apart
@@ -95,7 +95,7 @@ def next_tokens(logits_NV: torch.Tensor, greedy: bool, temperature: float, top_k
     if greedy:
         next_N = logits_NV.argmax(dim=-1)
     elif temperature == 1.0 and not top_k and top_p >= 1.0:
-        next_N = inverse_cdf(logp_NV.exp(), generator)
+        next_N = inverse_cdf(exp_flushed_(logp_NV.clone()), generator)
     else:
         next_N = sample_next(logits_NV, temperature, top_k, top_p, generator)
     return next_N, logp_NV.gather(-1, next_N[:, None]).squeeze(-1)
