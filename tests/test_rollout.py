@@ -287,3 +287,59 @@ def test_wide_logit_tails_give_the_same_logprobs_gradients_and_samples():
                                * masked.log_softmax(-1).exp().cumsum(-1)[:, -1:], right=True).squeeze(1)
     assert torch.equal(drawn, exact) and (drawn != 0).all()
     torch.testing.assert_close(drawn_logp, masked.log_softmax(-1).gather(-1, drawn[:, None]).squeeze(-1))
+
+
+def tiny_qwen2(vocab_size: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                        pad_token_id=0, eos_token_id=2, tie_word_embeddings=True))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_lean_decode_samples_the_same_tokens_and_logprobs_as_hf_forward(char_tokenizer, family, dtype):
+    """Decoding over the preallocated cache (rollout/decode.py) is HF's decode step, token for token:
+    sampled, left-padded prompts of different lengths, groups sharing a prompt's cache."""
+    from grpokit.models.attention import eager_for
+    from grpokit.rollout import decode
+
+    policy = tiny_policy(char_tokenizer, dtype=dtype)
+    if family == "qwen2":  # attention biases on q, k, v
+        cfg = ModelConfig(path="unused", dtype=dtype, device="cpu")
+        policy = wrap_policy(tiny_qwen2(len(char_tokenizer)), char_tokenizer, cfg, beta=0.0, device=torch.device("cpu"))
+    policy.model.set_attn_implementation(eager_for(policy.model.config))  # as loading picks on CPU
+    batch = encode(char_tokenizer, ["ab", "a much longer prompt", "xyz"])
+    outs, leans = [], []
+    real = decode.lean_decoder_for
+    for lean in (True, False):
+        sampler = sampler_of(policy, 9, seed=5)
+        sampler.lean_decode = lean
+        decode_for = lambda *a: leans.append(real(*a)) or leans[-1]  # noqa: E731 - records what generate built
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("grpokit.rollout.sampler.lean_decoder_for", decode_for)
+            outs.append(sampler.generate(batch, 4))
+    assert len(leans) == 1 and isinstance(leans[0], decode.LeanDecoder)  # the lean run took the lean path
+    lean_out, hf_out = outs
+    assert lean_out.completion_ids_NC.size(1) > 3
+    assert torch.equal(lean_out.completion_ids_NC, hf_out.completion_ids_NC)
+    torch.testing.assert_close(lean_out.sampling_logprobs_NC, hf_out.sampling_logprobs_NC, atol=1e-5, rtol=1e-5)
+
+
+def test_lean_decode_leaves_other_families_and_sliding_windows_to_hf():
+    from types import SimpleNamespace
+
+    from grpokit.rollout.decode import lean_decoder_for
+
+    mask = torch.ones(2, 5, dtype=torch.long)
+    layer = SimpleNamespace(self_attn=SimpleNamespace(training=False))
+    cache = SimpleNamespace(layers=[SimpleNamespace(keys=torch.zeros(2, 1, 5, 4), values=torch.zeros(2, 1, 5, 4))])
+
+    def backbone(**config):
+        return SimpleNamespace(config=SimpleNamespace(**config), layers=[layer])
+
+    assert lean_decoder_for(backbone(model_type="gemma"), cache, mask, 8) is None
+    assert lean_decoder_for(backbone(model_type="mistral", sliding_window=10), cache, mask, 8) is None
+    assert lean_decoder_for(backbone(model_type="qwen2", sliding_window=4, use_sliding_window=True), cache, mask, 8) is None

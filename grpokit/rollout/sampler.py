@@ -13,6 +13,7 @@ import torch
 from grpokit.models.parts import backbone_and_head
 from grpokit.models.sharding import full_weights
 from grpokit.rollout.contract import Rollouts
+from grpokit.rollout.decode import lean_decoder_for
 from grpokit.rollout.encoding import PromptBatch
 from grpokit.models.multimodal import positions_after
 from grpokit.rollout.logprobs import exp_flushed_, prefill, run_backbone
@@ -106,6 +107,8 @@ class TorchSampler:
 
     Implements ``rollout.contract.Sampler``; built by ``rollout.build_sampler``."""
 
+    lean_decode = True  # decode Llama-family text models over a preallocated cache (rollout/decode.py)
+
     def __init__(self, policy, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int = 0):
         self.policy = policy
@@ -147,6 +150,10 @@ class TorchSampler:
             finished_N = torch.zeros(N, dtype=torch.bool, device=device)
             tokens, logprobs = [], []
             streams = streams_for(batch, G, self.generator, device)
+            lean = (lean_decoder_for(backbone, cache, mask_NL, self.max_new_tokens)
+                    if self.lean_decode and batch.multimodal is None else None)
+            if lean is not None:
+                cache = None  # its tensors now live in the decoder's own buffers
             for _ in range(self.max_new_tokens):
                 next_N, logp_N = next_tokens(logits_NV, greedy, self.temperature, self.top_k, self.top_p, streams)
                 next_N = torch.where(finished_N, torch.full_like(next_N, pad_id), next_N)
@@ -155,10 +162,13 @@ class TorchSampler:
                 finished_N = finished_N | torch.isin(next_N, eos_E)
                 if bool(finished_N.all()) or len(tokens) == self.max_new_tokens:
                     break
-                mask_NL = torch.cat([mask_NL, torch.ones_like(mask_NL[:, :1])], dim=1)
-                hidden_N1H, cache = run_backbone(backbone, cache, input_ids=next_N[:, None], attention_mask=mask_NL,
-                                                 position_ids=pos_XN1)
-                logits_NV = head(hidden_N1H[:, -1, :])
+                if lean is not None:
+                    logits_NV = lean.logits(head, lean.step(next_N[:, None], pos_XN1)[:, -1, :])
+                else:
+                    mask_NL = torch.cat([mask_NL, torch.ones_like(mask_NL[:, :1])], dim=1)
+                    hidden_N1H, cache = run_backbone(backbone, cache, input_ids=next_N[:, None],
+                                                     attention_mask=mask_NL, position_ids=pos_XN1)
+                    logits_NV = head(hidden_N1H[:, -1, :])
                 pos_XN1 = pos_XN1 + 1
         model.train(was_training)
         completion_NC = torch.stack(tokens, dim=1)  # [N, C]
