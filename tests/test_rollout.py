@@ -328,18 +328,17 @@ def test_lean_decode_samples_the_same_tokens_and_logprobs_as_hf_forward(char_tok
     torch.testing.assert_close(lean_out.sampling_logprobs_NC, hf_out.sampling_logprobs_NC, atol=1e-5, rtol=1e-5)
 
 
-def test_lean_decode_leaves_other_families_and_sliding_windows_to_hf():
+def test_lean_decode_leaves_other_families_kernels_and_sliding_windows_to_hf():
     from types import SimpleNamespace
 
-    from grpokit.rollout.decode import lean_decoder_for
+    from grpokit.rollout.decode import lean_decode_applies
 
-    mask = torch.ones(2, 5, dtype=torch.long)
-    layer = SimpleNamespace(self_attn=SimpleNamespace(training=False))
-    cache = SimpleNamespace(layers=[SimpleNamespace(keys=torch.zeros(2, 1, 5, 4), values=torch.zeros(2, 1, 5, 4))])
+    def applies(attention="grpokit_eager", **config):
+        return lean_decode_applies(SimpleNamespace(_attn_implementation=attention, **config), 13)
 
-    def backbone(**config):
-        return SimpleNamespace(config=SimpleNamespace(**config), layers=[layer])
-
-    assert lean_decoder_for(backbone(model_type="gemma"), cache, mask, 8) is None
-    assert lean_decoder_for(backbone(model_type="mistral", sliding_window=10), cache, mask, 8) is None
-    assert lean_decoder_for(backbone(model_type="qwen2", sliding_window=4, use_sliding_window=True), cache, mask, 8) is None
+    assert applies(model_type="llama") and not applies(model_type="llama", attention="sdpa")
+    assert not applies(model_type="gemma")
+    assert not applies(model_type="llama", vision_config={})
+    assert not applies(model_type="mistral", sliding_window=10) and applies(model_type="mistral", sliding_window=4096)
+    assert not applies(model_type="qwen2", sliding_window=4, use_sliding_window=True)
+    assert applies(model_type="qwen2", sliding_window=4, use_sliding_window=False)

@@ -17,8 +17,9 @@ weight out on every call, which for 32 rows is most of the call (a 576 x 1536 pr
 94 us -> 56 us here).
 
 Only the families whose decoder block is exactly HF's Llama block (``LEAN_FAMILIES``) take
-this path, and only without a sliding window shorter than the sequence; any other model
-decodes through HF's forward.
+this path, only when the model runs ``grpokit_eager`` (what ``models/loading.py`` picks on
+the CPU), and only without a sliding window shorter than the sequence; any other model, and
+any model on SDPA or flash attention, decodes through HF's forward.
 """
 
 from __future__ import annotations
@@ -27,27 +28,34 @@ import importlib
 
 import torch
 
-from grpokit.models.attention import grouped_eager_attention
+from grpokit.models.attention import NAME as GROUPED_EAGER, grouped_eager_attention
 
 # decoder blocks that are Llama's: pre-norm attention with rotary q/k (no q/k norm), pre-norm MLP
 LEAN_FAMILIES = frozenset({"llama", "mistral", "qwen2"})
 
 
+def lean_decode_applies(config, length: int) -> bool:
+    """Whether a model with ``config`` decodes exactly as HF's forward would over ``length`` tokens."""
+    if config.model_type not in LEAN_FAMILIES or hasattr(config, "vision_config"):
+        return False
+    if getattr(config, "_attn_implementation", None) != GROUPED_EAGER:
+        return False  # SDPA or flash attention (a GPU): HF's forward keeps the model's own kernel
+    window = getattr(config, "sliding_window", None)
+    windowed = getattr(config, "use_sliding_window", True)  # Qwen2 says whether; Mistral applies any window set
+    return window is None or not windowed or window >= length
+
+
 def lean_decoder_for(backbone, cache, mask_NP: torch.Tensor, max_new_tokens: int):
     """A ``LeanDecoder`` continuing from a prefilled HF cache, or None where the model needs HF's forward."""
-    config = backbone.config
-    if config.model_type not in LEAN_FAMILIES or hasattr(config, "vision_config"):
+    if not lean_decode_applies(backbone.config, mask_NP.size(1) + max_new_tokens):
         return None
     if any(layer.self_attn.training for layer in backbone.layers):
         return None  # dropout would apply in HF's forward
-    window = getattr(config, "sliding_window", None)
-    windowed = getattr(config, "use_sliding_window", True)  # Qwen2 says whether; Mistral applies any window set
-    if window is not None and windowed and window < mask_NP.size(1) + max_new_tokens:
+    rotary = getattr(importlib.import_module(type(backbone).__module__), "apply_rotary_pos_emb", None)
+    layers = getattr(cache, "layers", None)  # transformers >= 4.54; older caches keep lists
+    if rotary is None or layers is None or len(layers) != len(backbone.layers):
         return None
-    layers = getattr(cache, "layers", None)
-    if layers is None or len(layers) != len(backbone.layers):
-        return None
-    return LeanDecoder(backbone, [(layer.keys, layer.values) for layer in layers], mask_NP, max_new_tokens)
+    return LeanDecoder(backbone, rotary, [(layer.keys, layer.values) for layer in layers], mask_NP, max_new_tokens)
 
 
 def _packs_weights(module) -> bool:
@@ -78,10 +86,10 @@ class PackedLinears:
 class LeanDecoder:
     """Decodes one token per sequence per ``step``, the KV cache filled in place."""
 
-    def __init__(self, backbone, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], mask_NP: torch.Tensor,
+    def __init__(self, backbone, rotary, prompt_kv: list[tuple[torch.Tensor, torch.Tensor]], mask_NP: torch.Tensor,
                  max_new_tokens: int):
         self.backbone = backbone
-        self.rotary = importlib.import_module(type(backbone).__module__).apply_rotary_pos_emb
+        self.rotary = rotary  # the modeling file's own apply_rotary_pos_emb
         keys_NKPD = prompt_kv[0][0]
         N, KV, P, D = keys_NKPD.shape
         self.length = P  # tokens in the cache so far
