@@ -28,10 +28,12 @@ import importlib
 
 import torch
 
-from grpokit.models.attention import NAME as GROUPED_EAGER, grouped_eager_attention
+from grpokit.models.attention import GROUPED_EAGER_FAMILIES, NAME as GROUPED_EAGER, grouped_eager_attention
 
-# decoder blocks that are Llama's: pre-norm attention with rotary q/k (no q/k norm), pre-norm MLP
-LEAN_FAMILIES = frozenset({"llama", "mistral", "qwen2"})
+# the grouped-eager families whose decoder block is Llama's: Qwen3 also normalises q and k per head
+LEAN_FAMILIES = GROUPED_EAGER_FAMILIES - {"qwen3"}
+# oneDNN's weight prepacking, where this torch build has it
+PACKING = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 def lean_decode_applies(config, length: int) -> bool:
@@ -46,22 +48,15 @@ def lean_decode_applies(config, length: int) -> bool:
 
 
 def lean_decoder_for(backbone, cache, mask_NP: torch.Tensor, max_new_tokens: int):
-    """A ``LeanDecoder`` continuing from a prefilled HF cache, or None where the model needs HF's forward."""
+    """A ``LeanDecoder`` continuing from a prefilled HF cache, or None where the model needs HF's forward.
+    The model is in eval mode (the sampler sets it), so no dropout is left out."""
     if not lean_decode_applies(backbone.config, mask_NP.size(1) + max_new_tokens):
         return None
-    if any(layer.self_attn.training for layer in backbone.layers):
-        return None  # dropout would apply in HF's forward
     rotary = getattr(importlib.import_module(type(backbone).__module__), "apply_rotary_pos_emb", None)
     layers = getattr(cache, "layers", None)  # transformers >= 4.54; older caches keep lists
     if rotary is None or layers is None or len(layers) != len(backbone.layers):
         return None
     return LeanDecoder(backbone, rotary, [(layer.keys, layer.values) for layer in layers], mask_NP, max_new_tokens)
-
-
-def _packs_weights(module) -> bool:
-    weight = getattr(module, "weight", None)
-    return (type(module) is torch.nn.Linear and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 class PackedLinears:
@@ -71,15 +66,21 @@ class PackedLinears:
 
     def __init__(self, rows: int):
         self.rows = rows  # the batch the packing is tuned for; any other works too
-        self.packed: dict[int, torch.Tensor] = {}
+        self.packed: dict[int, torch.Tensor | None] = {}  # per layer, decided once: its pack, or None
+
+    def _pack(self, module) -> torch.Tensor | None:
+        weight = getattr(module, "weight", None)
+        if PACKING and type(module) is torch.nn.Linear and weight.dtype == torch.bfloat16 and weight.is_cpu:
+            return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), self.rows)
+        return None
 
     def __call__(self, module, x: torch.Tensor) -> torch.Tensor:
-        if not _packs_weights(module):
-            return module(x)
-        weight = self.packed.get(id(module))
+        key = id(module)
+        if key not in self.packed:
+            self.packed[key] = self._pack(module)
+        weight = self.packed[key]
         if weight is None:
-            weight = self.packed[id(module)] = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach(),
-                                                                                        self.rows)
+            return module(x)
         return torch.ops.mkldnn._linear_pointwise(x, weight, module.bias, "none", [], "")
 
 
@@ -102,11 +103,9 @@ class LeanDecoder:
             self.kv.append((k_buf, v_buf))
         # HF's eager padding mask (dtype min where a prompt is left-padded); completion columns always attend
         dtype = keys_NKPD.dtype
-        keep_NL = torch.ones(N, total, dtype=torch.bool, device=mask_NP.device)
-        keep_NL[:, :P] = mask_NP.bool()
+        self.mask_N11L = torch.zeros(N, 1, 1, total, dtype=dtype, device=mask_NP.device)
+        self.mask_N11L[..., :P].masked_fill_(mask_NP[:, None, None, :] == 0, torch.finfo(dtype).min)
         self.linear = PackedLinears(N)
-        self.mask_N11L = torch.zeros(N, 1, 1, total, dtype=dtype, device=mask_NP.device).masked_fill(
-            ~keep_NL[:, None, None, :], torch.finfo(dtype).min)
 
     def step(self, ids_N1: torch.Tensor, position_ids_N1: torch.Tensor) -> torch.Tensor:
         """The final-norm hidden state ``[N, 1, H]`` after ``ids_N1``, which sit at ``position_ids_N1``."""
